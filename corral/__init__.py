@@ -1,0 +1,1 @@
+"""corral: call OpenAI-compatible APIs at scale, within limits, without losing work."""

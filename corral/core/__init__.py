@@ -1,0 +1,72 @@
+"""The sans-IO core: values, wire format, SSE, errors. No sockets, no sleeping, no clock."""
+
+from corral.core.classify import (
+    RateLimitHeaders,
+    classify,
+    parse_duration,
+    parse_rate_limit_headers,
+    parse_retry_after,
+    parse_should_retry,
+)
+from corral.core.compose import Clock, Handler, Middleware, build_stack
+from corral.core.errors import *  # noqa: F403 - the error tree is part of the core API
+from corral.core.errors import __all__ as _error_names
+from corral.core.headers import Headers
+from corral.core.models import (
+    ByteStream,
+    CachePolicy,
+    Request,
+    RequestOptions,
+    Response,
+    Timeouts,
+    Timing,
+)
+from corral.core.sse import SSEEvent, SSEParser
+from corral.core.wire import (
+    ChatChunk,
+    ChatCompletion,
+    ChatStreamDecoder,
+    Embeddings,
+    Usage,
+    api_request,
+    decode_chat,
+    decode_embeddings,
+    decode_json,
+    decode_models,
+    raise_for_status,
+)
+
+__all__ = [
+    "ByteStream",
+    "CachePolicy",
+    "ChatChunk",
+    "ChatCompletion",
+    "ChatStreamDecoder",
+    "Clock",
+    "Embeddings",
+    "Handler",
+    "Headers",
+    "Middleware",
+    "RateLimitHeaders",
+    "Request",
+    "RequestOptions",
+    "Response",
+    "SSEEvent",
+    "SSEParser",
+    "Timeouts",
+    "Timing",
+    "Usage",
+    "api_request",
+    "build_stack",
+    "classify",
+    "decode_chat",
+    "decode_embeddings",
+    "decode_json",
+    "decode_models",
+    "parse_duration",
+    "parse_rate_limit_headers",
+    "parse_retry_after",
+    "parse_should_retry",
+    "raise_for_status",
+    *_error_names,
+]

@@ -1,0 +1,226 @@
+"""Pure functions that read what a response means: its error, its retry hints, its quota.
+
+Nothing here reads a clock. An HTTP-date ``Retry-After`` is measured against the response's own
+``Date`` header (the server's clock), or against ``now_wall`` when the caller passes one.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from corral.core.errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    ContextLengthExceeded,
+    NotFoundError,
+    RateLimited,
+    RequestTimeoutError,
+    ServerError,
+)
+from corral.core.headers import Headers
+
+__all__ = [
+    "RateLimitHeaders",
+    "classify",
+    "parse_duration",
+    "parse_rate_limit_headers",
+    "parse_retry_after",
+    "parse_should_retry",
+]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_CONTEXT_NUMBERS = re.compile(
+    r"maximum context length is (\d+) tokens.*?(?:resulted in|requested|you requested) (\d+)",
+    re.IGNORECASE | re.DOTALL,
+)
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in an OpenAI-style reset value: ``"6m0s"``, ``"20ms"``, ``"1h2m3.5s"``, ``"0.5"``.
+
+    Returns None for anything else (negative, empty, garbage, non-finite).
+    """
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        plain = float(text)
+    except ValueError:
+        pass
+    else:
+        return plain if math.isfinite(plain) and plain >= 0 else None
+    total, pos = 0.0, 0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) and math.isfinite(total) else None
+
+
+def _http_date(value: str) -> float | None:
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return parsed.timestamp()
+
+
+def parse_retry_after(headers: Headers, now_wall: float | None = None) -> float | None:
+    """Seconds to wait according to ``retry-after-ms`` or ``Retry-After``, or None.
+
+    ``Retry-After`` may be delta-seconds or an HTTP-date (RFC 9110 §10.2.3); a date is measured
+    against the response's ``Date`` header, else ``now_wall`` (Unix seconds), else ignored.
+    """
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        value = parse_duration(ms)
+        if value is not None:
+            return value / 1000.0
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    seconds = parse_duration(raw)
+    if seconds is not None:
+        return seconds
+    when = _http_date(raw)
+    if when is None:
+        return None
+    date_header = headers.get("date")
+    reference = _http_date(date_header) if date_header else None
+    if reference is None:
+        reference = now_wall
+    if reference is None:
+        return None
+    return max(0.0, when - reference)
+
+
+def parse_should_retry(headers: Headers) -> bool | None:
+    """The server's explicit ``x-should-retry: true|false`` verdict, if it gave one."""
+    value = headers.get("x-should-retry")
+    if value is None:
+        return None
+    value = value.strip().lower()
+    return True if value == "true" else False if value == "false" else None
+
+
+@attrs.frozen
+class RateLimitHeaders:
+    """What ``x-ratelimit-*`` headers say about the remaining quota (None: not stated)."""
+
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests: float | None = None
+    reset_tokens: float | None = None
+
+    @property
+    def present(self) -> bool:
+        return any(v is not None for v in attrs.astuple(self))
+
+
+def _int_header(headers: Headers, name: str) -> int | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _duration_header(headers: Headers, name: str) -> float | None:
+    raw = headers.get(name)
+    return None if raw is None else parse_duration(raw)
+
+
+def parse_rate_limit_headers(headers: Headers) -> RateLimitHeaders:
+    return RateLimitHeaders(
+        limit_requests=_int_header(headers, "x-ratelimit-limit-requests"),
+        limit_tokens=_int_header(headers, "x-ratelimit-limit-tokens"),
+        remaining_requests=_int_header(headers, "x-ratelimit-remaining-requests"),
+        remaining_tokens=_int_header(headers, "x-ratelimit-remaining-tokens"),
+        reset_requests=_duration_header(headers, "x-ratelimit-reset-requests"),
+        reset_tokens=_duration_header(headers, "x-ratelimit-reset-tokens"),
+    )
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(message, code, type) from an OpenAI-style ``{"error": {...}}`` body, best effort."""
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, None, None
+    err = data.get("error") if isinstance(data, Mapping) else None
+    if isinstance(err, str):
+        return err, None, None
+    if not isinstance(err, Mapping):
+        detail = data.get("detail") if isinstance(data, Mapping) else None
+        return (detail if isinstance(detail, str) else None), None, None
+    message, code, kind = err.get("message"), err.get("code"), err.get("type")
+    return (
+        message if isinstance(message, str) else None,
+        str(code) if isinstance(code, (str, int)) and not isinstance(code, bool) else None,
+        kind if isinstance(kind, str) else None,
+    )
+
+
+def _context_numbers(message: str) -> tuple[int | None, int | None]:
+    match = _CONTEXT_NUMBERS.search(message)
+    if match is None:
+        return None, None
+    return int(match.group(1)), int(match.group(2))
+
+
+def classify(
+    status: int, headers: Headers, body: bytes, *, now_wall: float | None = None
+) -> APIError | None:
+    """The error a response stands for, or None for a success (1xx-3xx).
+
+    Total over its inputs: any status, any headers, any bytes give an ``APIError`` or None.
+    """
+    if status < 400:
+        return None
+    message, code, error_type = _error_fields(body)
+    request_id = headers.get("x-request-id") or headers.get("request-id")
+    text = message or f"HTTP {status} with no error message"
+    common: dict[str, Any] = {
+        "status": status,
+        "request_id": request_id,
+        "code": code,
+        "error_type": error_type,
+    }
+    if status == 429:
+        return RateLimited(text, retry_after=parse_retry_after(headers, now_wall), **common)
+    if status in (401, 403):
+        return AuthenticationError(text, **common)
+    if status == 404:
+        return NotFoundError(text, **common)
+    if status == 408:
+        return RequestTimeoutError(text, **common)
+    if status == 409:
+        return ConflictError(text, **common)
+    if status >= 500:
+        return ServerError(text, **common)
+    lowered = text.lower()
+    if code == "context_length_exceeded" or "maximum context length" in lowered:
+        max_context, requested = _context_numbers(text)
+        common["code"] = code or "context_length_exceeded"
+        return ContextLengthExceeded(text, max_context=max_context, requested=requested, **common)
+    if status in (400, 413, 422):
+        return BadRequestError(text, **common)
+    return APIError(text, **common)

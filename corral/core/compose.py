@@ -1,0 +1,32 @@
+"""How layers fit together: a handler maps a Request to a Response; a middleware wraps one.
+
+A middleware is any callable ``(request, call_next) -> Awaitable[Response]``; plain ``async def``
+functions work. ``build_stack`` composes a list once, outermost first, into a single handler.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from corral.core.models import Request, Response
+
+__all__ = ["Clock", "Handler", "Middleware", "build_stack"]
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+#: Returns the current time in seconds. Shells read it; policies receive ``now`` from them.
+Clock = Callable[[], float]
+
+
+class Middleware(Protocol):
+    def __call__(self, request: Request, call_next: Handler) -> Awaitable[Response]: ...
+
+
+def build_stack(middleware: Sequence[Middleware], transport: Handler) -> Handler:
+    """Compose ``middleware`` (outermost first) around ``transport`` into one handler."""
+    handler = transport
+    for layer in reversed(middleware):
+        handler = functools.partial(layer, call_next=handler)
+    return handler

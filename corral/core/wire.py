@@ -1,0 +1,380 @@
+"""The OpenAI-compatible wire format: build ``Request``s, decode ``Response``s into typed results.
+
+Request bodies pass through untouched (tools, response_format, stream_options, anything a
+provider adds); only what corral itself needs is read from them. Decoding keeps the raw JSON
+next to the typed fields so nothing the provider sent is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from corral.core import jsonlib
+from corral.core.classify import classify
+from corral.core.errors import MalformedResponse, RemoteProtocolError
+from corral.core.headers import Headers
+from corral.core.models import Request, RequestOptions, Response
+from corral.core.sse import SSEParser
+
+__all__ = [
+    "ChatChunk",
+    "ChatCompletion",
+    "ChatStreamDecoder",
+    "Choice",
+    "Embeddings",
+    "Message",
+    "Usage",
+    "api_request",
+    "decode_chat",
+    "decode_embeddings",
+    "decode_json",
+    "decode_models",
+    "raise_for_status",
+]
+
+
+def _join(base_url: str, path: str) -> str:
+    return base_url.rstrip("/") + "/" + path.lstrip("/")
+
+
+def api_request(
+    base_url: str,
+    path: str,
+    body: Mapping[str, Any] | None,
+    *,
+    api_key: str | None,
+    extra_headers: Mapping[str, str] | None = None,
+    options: RequestOptions | None = None,
+) -> Request:
+    """A POST (or GET when ``body`` is None) to ``base_url + path`` with JSON and Bearer auth."""
+    headers: list[tuple[str, str]] = [("accept", "application/json")]
+    if api_key:
+        headers.append(("authorization", f"Bearer {api_key}"))
+    if body is not None:
+        headers.append(("content-type", "application/json"))
+    if extra_headers:
+        headers.extend(extra_headers.items())
+    opts = options or RequestOptions()
+    if body is not None:
+        stream = bool(body.get("stream"))
+        model = body.get("model")
+        opts = attrs.evolve(
+            opts,
+            stream=stream or opts.stream,
+            model=opts.model or (model if isinstance(model, str) else None),
+        )
+        if stream:
+            headers[0] = ("accept", "text/event-stream")
+    return Request(
+        method="GET" if body is None else "POST",
+        url=_join(base_url, path),
+        headers=Headers(headers),
+        body=b"" if body is None else jsonlib.dumps(body),
+        options=opts,
+    )
+
+
+def raise_for_status(response: Response) -> None:
+    """Raise the typed error a buffered error response stands for."""
+    error = classify(response.status, response.headers, response.body)
+    if error is not None:
+        raise error
+
+
+def decode_json(response: Response) -> Mapping[str, Any]:
+    """The JSON object of a buffered success; errors and bad bodies raise typed errors."""
+    raise_for_status(response)
+    try:
+        data = jsonlib.loads(response.body)
+    except jsonlib.JSONDecodeError as exc:
+        preview = response.body[:80]
+        raise MalformedResponse(
+            f"HTTP {response.status} body is not JSON ({exc.__class__.__name__}): {preview!r}",
+            status=response.status,
+        ) from None
+    if not isinstance(data, Mapping):
+        raise MalformedResponse(
+            f"HTTP {response.status} body is JSON {type(data).__name__}, expected an object",
+            status=response.status,
+        )
+    return data
+
+
+@attrs.frozen
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def parse(cls, raw: Any) -> Usage | None:
+        if not isinstance(raw, Mapping):
+            return None
+
+        def num(key: str) -> int:
+            value = raw.get(key)
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+        prompt, completion = num("prompt_tokens"), num("completion_tokens")
+        return cls(prompt, completion, num("total_tokens") or prompt + completion)
+
+
+@attrs.frozen
+class Message:
+    role: str
+    content: str | None
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+
+
+@attrs.frozen
+class Choice:
+    index: int
+    message: Message
+    finish_reason: str | None
+
+
+@attrs.frozen
+class ChatCompletion:
+    id: str
+    model: str
+    choices: tuple[Choice, ...]
+    usage: Usage | None
+    raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The first choice's content, or "" when it has none (a tool call, say)."""
+        return (self.choices[0].message.content or "") if self.choices else ""
+
+
+def _str(value: Any, default: str = "") -> str:
+    return value if isinstance(value, str) else default
+
+
+def _field_error(what: str, field: str) -> MalformedResponse:
+    return MalformedResponse(f"{what}: field {field!r} is missing or has the wrong type")
+
+
+def _choices(raw: Any, what: str) -> list[Mapping[str, Any]]:
+    if not isinstance(raw, list) or not all(isinstance(c, Mapping) for c in raw):
+        raise _field_error(what, "choices")
+    return raw
+
+
+def parse_chat(data: Mapping[str, Any]) -> ChatCompletion:
+    choices = []
+    for i, raw in enumerate(_choices(data.get("choices"), "chat completion")):
+        msg = raw.get("message")
+        if not isinstance(msg, Mapping):
+            raise _field_error("chat completion", f"choices[{i}].message")
+        content = msg.get("content")
+        calls = msg.get("tool_calls")
+        choices.append(
+            Choice(
+                index=raw.get("index", i) if isinstance(raw.get("index"), int) else i,
+                message=Message(
+                    role=_str(msg.get("role"), "assistant"),
+                    content=content if isinstance(content, str) else None,
+                    tool_calls=tuple(calls) if isinstance(calls, list) else (),
+                ),
+                finish_reason=raw.get("finish_reason")
+                if isinstance(raw.get("finish_reason"), str)
+                else None,
+            )
+        )
+    return ChatCompletion(
+        id=_str(data.get("id")),
+        model=_str(data.get("model")),
+        choices=tuple(choices),
+        usage=Usage.parse(data.get("usage")),
+        raw=data,
+    )
+
+
+def decode_chat(response: Response) -> ChatCompletion:
+    return parse_chat(decode_json(response))
+
+
+@attrs.frozen
+class Delta:
+    role: str | None = None
+    content: str | None = None
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+
+
+@attrs.frozen
+class ChunkChoice:
+    index: int
+    delta: Delta
+    finish_reason: str | None
+
+
+@attrs.frozen
+class ChatChunk:
+    id: str
+    model: str
+    choices: tuple[ChunkChoice, ...]
+    usage: Usage | None
+    raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
+
+    @property
+    def text(self) -> str:
+        return "".join(c.delta.content or "" for c in self.choices)
+
+
+def parse_chunk(data: Mapping[str, Any]) -> ChatChunk:
+    choices = []
+    for i, raw in enumerate(_choices(data.get("choices", []), "chat chunk")):
+        delta = raw.get("delta") if isinstance(raw.get("delta"), Mapping) else {}
+        assert isinstance(delta, Mapping)
+        calls = delta.get("tool_calls")
+        role, content = delta.get("role"), delta.get("content")
+        choices.append(
+            ChunkChoice(
+                index=raw["index"] if isinstance(raw.get("index"), int) else i,
+                delta=Delta(
+                    role=role if isinstance(role, str) else None,
+                    content=content if isinstance(content, str) else None,
+                    tool_calls=tuple(calls) if isinstance(calls, list) else (),
+                ),
+                finish_reason=raw.get("finish_reason")
+                if isinstance(raw.get("finish_reason"), str)
+                else None,
+            )
+        )
+    return ChatChunk(
+        id=_str(data.get("id")),
+        model=_str(data.get("model")),
+        choices=tuple(choices),
+        usage=Usage.parse(data.get("usage")),
+        raw=data,
+    )
+
+
+class ChatStreamDecoder:
+    """Bytes of a chat-completions SSE stream in, ``ChatChunk``s out; sans-IO.
+
+    ``close()`` raises ``RemoteProtocolError`` if the stream ended before ``data: [DONE]``: a
+    truncated stream must not pass for a complete answer.
+    """
+
+    def __init__(self) -> None:
+        self._sse = SSEParser()
+        self.done = False
+
+    def feed(self, data: bytes) -> list[ChatChunk]:
+        return self._decode(self._sse.feed(data))
+
+    def close(self) -> list[ChatChunk]:
+        chunks = self._decode(self._sse.close())
+        if not self.done:
+            raise RemoteProtocolError(
+                "chat stream ended before 'data: [DONE]' (truncated)", request_sent=True
+            )
+        return chunks
+
+    def _decode(self, events: Sequence[Any]) -> list[ChatChunk]:
+        chunks = []
+        for event in events:
+            if self.done:
+                break
+            if event.data == "[DONE]":
+                self.done = True
+                break
+            try:
+                data = jsonlib.loads(event.data)
+            except jsonlib.JSONDecodeError:
+                raise MalformedResponse(f"stream event is not JSON: {event.data[:80]!r}") from None
+            if not isinstance(data, Mapping):
+                raise MalformedResponse("stream event is not a JSON object")
+            if "error" in data:
+                message = data["error"]
+                if isinstance(message, Mapping):
+                    message = message.get("message")
+                raise MalformedResponse(f"provider sent an error mid-stream: {message}")
+            chunks.append(parse_chunk(data))
+        return chunks
+
+
+@attrs.define
+class ChatAccumulator:
+    """Folds stream chunks into the ``ChatCompletion`` a non-streamed call would have given."""
+
+    id: str = ""
+    model: str = ""
+    usage: Usage | None = None
+    _texts: dict[int, list[str]] = attrs.field(factory=dict)
+    _finish: dict[int, str | None] = attrs.field(factory=dict)
+    _roles: dict[int, str] = attrs.field(factory=dict)
+
+    def add(self, chunk: ChatChunk) -> None:
+        self.id = self.id or chunk.id
+        self.model = self.model or chunk.model
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        for choice in chunk.choices:
+            self._texts.setdefault(choice.index, [])
+            if choice.delta.content:
+                self._texts[choice.index].append(choice.delta.content)
+            if choice.delta.role:
+                self._roles[choice.index] = choice.delta.role
+            if choice.finish_reason is not None:
+                self._finish[choice.index] = choice.finish_reason
+
+    def result(self) -> ChatCompletion:
+        choices = tuple(
+            Choice(
+                index=i,
+                message=Message(self._roles.get(i, "assistant"), "".join(self._texts[i])),
+                finish_reason=self._finish.get(i),
+            )
+            for i in sorted(self._texts)
+        )
+        raw: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion",
+            "model": self.model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": c.message.role, "content": c.message.content},
+                    "finish_reason": c.finish_reason,
+                }
+                for c in choices
+            ],
+        }
+        if self.usage is not None:
+            raw["usage"] = attrs.asdict(self.usage)
+        return ChatCompletion(self.id, self.model, choices, self.usage, raw)
+
+
+@attrs.frozen
+class Embeddings:
+    vectors: tuple[tuple[float, ...], ...]
+    model: str
+    usage: Usage | None
+
+
+def decode_embeddings(response: Response) -> Embeddings:
+    data = decode_json(response)
+    items = data.get("data")
+    if not isinstance(items, list):
+        raise _field_error("embeddings", "data")
+    vectors = []
+    for i, item in enumerate(items):
+        vec = item.get("embedding") if isinstance(item, Mapping) else None
+        if not isinstance(vec, list) or not all(isinstance(x, (int, float)) for x in vec):
+            raise _field_error("embeddings", f"data[{i}].embedding")
+        vectors.append(tuple(float(x) for x in vec))
+    return Embeddings(tuple(vectors), _str(data.get("model")), Usage.parse(data.get("usage")))
+
+
+def decode_models(response: Response) -> list[str]:
+    data = decode_json(response)
+    items = data.get("data")
+    if not isinstance(items, list):
+        raise _field_error("models", "data")
+    return [item["id"] for item in items if isinstance(item, Mapping) and "id" in item]
