@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -83,8 +84,10 @@ def _chunk(data: bytes) -> bytes:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, emulator: Emulator) -> None:
+    def __init__(self, emulator: Emulator, keepalive_timeout: float | None) -> None:
         self._emulator = emulator
+        self._keepalive_timeout = keepalive_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._buf = bytearray()
         self._busy = False
         self._transport: asyncio.Transport | None = None
@@ -92,13 +95,30 @@ class _Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._emulator.counts["connections"] += 1
+        self._arm_idle_timer()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def _arm_idle_timer(self) -> None:
+        """Close a keep-alive connection left idle too long, as real servers do."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._keepalive_timeout is not None and self._transport is not None:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self._keepalive_timeout, self._close_idle)
+
+    def _close_idle(self) -> None:
+        if self._transport is not None and not self._busy:
+            self._transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         if self._task is not None:
             self._task.cancel()
 
@@ -119,6 +139,7 @@ class _Protocol(asyncio.Protocol):
                 self._transport.close()
                 return
             if parsed is None:
+                self._arm_idle_timer()
                 return
             method, path, headers, body, keep_alive = parsed
             plan = self._emulator.handle(time.monotonic(), method, path, headers, body)
@@ -204,8 +225,9 @@ class _Protocol(asyncio.Protocol):
 class RunningEmulator:
     """A live emulator: its URL, its counters, and ``stop()``."""
 
-    def __init__(self, emulator: Emulator, host: str, port: int) -> None:
+    def __init__(self, emulator: Emulator, host: str, port: int, *, https: bool = False) -> None:
         self.emulator = emulator
+        self.scheme = "https" if https else "http"
         self.host, self.port = host, port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -213,7 +235,7 @@ class RunningEmulator:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{self.scheme}://{self.host}:{self.port}/v1"
 
     @property
     def counts(self) -> dict[str, int]:
@@ -229,9 +251,17 @@ class RunningEmulator:
         self._loop = self._thread = None
 
 
-async def _start(emulator: Emulator, host: str, port: int) -> asyncio.Server:
+async def _start(
+    emulator: Emulator,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+    keepalive_timeout: float | None = None,
+) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Protocol(emulator), host, port, backlog=4096)
+    return await loop.create_server(
+        lambda: _Protocol(emulator, keepalive_timeout), host, port, backlog=4096, ssl=ssl_context
+    )
 
 
 def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
@@ -252,10 +282,12 @@ def serve_in_thread(
     port: int = 0,
     *,
     use_uvloop: bool = True,
+    ssl_context: ssl.SSLContext | None = None,
+    keepalive_timeout: float | None = None,
 ) -> Iterator[RunningEmulator]:
     """Run an emulator on its own event loop in a daemon thread, for any caller (trio too)."""
     emulator = Emulator(config)
-    running = RunningEmulator(emulator, host, port)
+    running = RunningEmulator(emulator, host, port, https=ssl_context is not None)
     ready = threading.Event()
     failure: list[BaseException] = []
 
@@ -263,7 +295,9 @@ def serve_in_thread(
         loop = _new_loop(use_uvloop)
         asyncio.set_event_loop(loop)
         try:
-            server = loop.run_until_complete(_start(emulator, host, port))
+            server = loop.run_until_complete(
+                _start(emulator, host, port, ssl_context, keepalive_timeout)
+            )
         except BaseException as exc:  # reported to the starting thread
             failure.append(exc)
             ready.set()

@@ -1,0 +1,69 @@
+"""Shared fixtures: both async backends, every transport, a live emulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from corral.core.models import Timeouts
+from corral.testing.server import RunningEmulator, serve_in_thread
+from corral.transports.base import Transport
+
+#: The canary key: the secrets tests assert that no piece of it leaks anywhere.
+CANARY_KEY = "sk-canary-Zq8xW3vT9pL2mN5bR7yK"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def emulator() -> Iterator[RunningEmulator]:
+    with serve_in_thread() as running:
+        yield running
+
+
+TransportFactory = Callable[..., Transport]
+
+TRANSPORTS = ["h11", "httpx", "aiohttp"]
+
+
+def make_transport(name: str, **kwargs: Any) -> Transport:
+    """Build a transport by name with the options all of them share."""
+    if name == "h11":
+        from corral.transports.http11 import H11Transport
+
+        return H11Transport(**kwargs)
+    if name == "httpx":
+        from corral.transports.httpx_transport import HttpxTransport
+
+        return HttpxTransport(**kwargs)
+    from corral.transports.aiohttp_transport import AiohttpTransport
+
+    return AiohttpTransport(**kwargs)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport_name(request: pytest.FixtureRequest, anyio_backend: str) -> str:
+    name = str(request.param)
+    if name == "aiohttp" and anyio_backend == "trio":
+        pytest.skip("aiohttp runs only on asyncio (its trio error is tested on its own)")
+    return name
+
+
+@pytest.fixture
+async def transport_factory(transport_name: str) -> AsyncIterator[TransportFactory]:
+    made: list[Transport] = []
+
+    def factory(**kwargs: Any) -> Transport:
+        kwargs.setdefault("timeouts", Timeouts(connect=5, read=5, write=5, pool=5))
+        t = make_transport(transport_name, **kwargs)
+        made.append(t)
+        return t
+
+    yield factory
+    for t in made:
+        await t.aclose()

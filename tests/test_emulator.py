@@ -1,0 +1,106 @@
+"""The emulator's behaviour as a provider: auth, limits, context window, faults, counters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from corral.core import Headers, Response, decode_chat, decode_embeddings, errors, parse_retry_after
+from corral.core.classify import parse_rate_limit_headers
+from corral.testing.emulator import Emulator, EmulatorConfig, Fault
+
+KEY = {"authorization": "Bearer sk-test"}
+
+
+def call(
+    emu: Emulator, body: dict[str, object], now: float = 0.0, path: str = "/v1/chat/completions"
+) -> Response:
+    import json
+
+    plan = emu.handle(now, "POST", path, KEY, json.dumps(body).encode())
+    return Response(plan.status, Headers(plan.headers), plan.body)
+
+
+def chat_body(text: str = "hi", **extra: object) -> dict[str, object]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def test_auth_is_checked() -> None:
+    emu = Emulator(EmulatorConfig(api_keys=frozenset({"sk-good"})))
+    plan = emu.handle(0, "POST", "/v1/chat/completions", KEY, b"{}")
+    assert plan.status == 401
+    plan = emu.handle(0, "POST", "/v1/chat/completions", {}, b"{}")
+    assert plan.status == 401
+
+
+def test_rpm_limit_gives_429_with_retry_after_and_headers() -> None:
+    emu = Emulator(EmulatorConfig(rpm=3))
+    assert [call(emu, chat_body(), now=t).status for t in (0, 1, 2)] == [200] * 3
+    denied = call(emu, chat_body(), now=10)
+    with pytest.raises(errors.RateLimited) as info:
+        decode_chat(denied)
+    assert info.value.retry_after == pytest.approx(50.0)
+    assert parse_retry_after(denied.headers) == pytest.approx(50.0)
+    limits = parse_rate_limit_headers(denied.headers)
+    assert limits.limit_requests == 3 and limits.remaining_requests == 0
+    assert call(emu, chat_body(), now=60.001).status == 200
+    assert emu.counts["rate_limited"] == 1 and emu.counts["ok"] == 4
+
+
+def test_tpm_counts_prompt_and_completion_tokens() -> None:
+    emu = Emulator(EmulatorConfig(tpm=100))
+    first = decode_chat(call(emu, chat_body("word " * 30)))
+    assert first.usage is not None and first.usage.total_tokens <= 100
+    assert call(emu, chat_body("word " * 30), now=1).status == 429
+
+
+def test_context_window_exceeded_names_the_numbers() -> None:
+    emu = Emulator()
+    reply = call(emu, {**chat_body("x " * 10_000), "model": "small-model", "max_tokens": 100})
+    with pytest.raises(errors.ContextLengthExceeded) as info:
+        decode_chat(reply)
+    assert info.value.max_context == 4096 and info.value.requested is not None
+    assert info.value.requested > 4096
+
+
+def test_max_tokens_cuts_the_reply() -> None:
+    result = decode_chat(call(Emulator(), chat_body(max_tokens=2)))
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage is not None and result.usage.completion_tokens == 2
+
+
+def test_faults_are_seeded_and_counted() -> None:
+    config = EmulatorConfig(faults={Fault.SERVER_ERROR: 0.2, Fault.UNAVAILABLE: 0.1}, seed=7)
+    runs = []
+    for _ in range(2):
+        emu = Emulator(config)
+        runs.append([call(emu, chat_body()).status for _ in range(500)])
+    assert runs[0] == runs[1]
+    assert math.isclose(runs[0].count(500) / 500, 0.2, abs_tol=0.06)
+    assert math.isclose(runs[0].count(503) / 500, 0.1, abs_tol=0.05)
+    with pytest.raises(ValueError, match="add up"):
+        Emulator(EmulatorConfig(faults={Fault.HANG: 0.7, Fault.RESET: 0.6}))
+
+
+def test_embeddings_are_deterministic_and_similar_texts_are_close() -> None:
+    emu = Emulator()
+
+    def vec(text: str) -> tuple[float, ...]:
+        reply = call(emu, {"model": "e", "input": text}, path="/v1/embeddings")
+        return decode_embeddings(reply).vectors[0]
+
+    a, b, c = (
+        vec("the cat sat on the mat today"),
+        vec("the cat sat on the mat"),
+        vec("stock prices fell"),
+    )
+    assert a == vec("the cat sat on the mat today")
+    cos = lambda x, y: sum(i * j for i, j in zip(x, y, strict=True))  # noqa: E731
+    assert cos(a, b) > 0.9 > cos(a, c)
+
+
+def test_bad_bodies_get_400() -> None:
+    emu = Emulator()
+    assert emu.handle(0, "POST", "/v1/chat/completions", KEY, b"{nope").status == 400
+    assert call(emu, {"messages": []}).status == 400

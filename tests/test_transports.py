@@ -1,0 +1,220 @@
+"""One conformance suite, every transport, real local servers, asyncio and trio."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+
+import anyio
+import pytest
+import trustme
+
+from corral.core import api_request, decode_chat, decode_models, errors
+from corral.core.models import Timeouts
+from corral.core.wire import ChatStreamDecoder
+from corral.testing.emulator import EmulatorConfig, Fault, Latency
+from corral.testing.server import RunningEmulator, serve_in_thread
+from tests.conftest import CANARY_KEY, TransportFactory
+
+pytestmark = pytest.mark.anyio
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def chat(base_url: str, **body: object) -> object:
+    return api_request(base_url, "/chat/completions", {**CHAT, **body}, api_key=CANARY_KEY)
+
+
+async def test_status_headers_and_json(
+    emulator: RunningEmulator, transport_factory: TransportFactory
+) -> None:
+    t = transport_factory()
+    reply = await t(api_request(emulator.base_url, "/models", None, api_key=CANARY_KEY))
+    assert reply.status == 200
+    assert reply.headers.get("Content-Type") == "application/json"
+    assert reply.request_id is not None and reply.request_id.startswith("req_")
+    assert "gpt-4o-mini" in decode_models(reply)
+    result = decode_chat(await t(chat(emulator.base_url)))
+    assert result.text.startswith("Emulated answer")
+    assert result.usage is not None and result.usage.total_tokens > 0
+
+
+async def test_error_statuses_are_returned_not_raised(
+    emulator: RunningEmulator, transport_factory: TransportFactory
+) -> None:
+    t = transport_factory()
+    no_key = api_request(emulator.base_url, "/chat/completions", CHAT, api_key=None)
+    assert (await t(no_key)).status == 401
+    missing = api_request(emulator.base_url, "/nowhere", CHAT, api_key=CANARY_KEY)
+    assert (await t(missing)).status == 404
+    with pytest.raises(errors.AuthenticationError):
+        decode_chat(await t(no_key))
+
+
+async def test_streamed_body(
+    emulator: RunningEmulator, transport_factory: TransportFactory
+) -> None:
+    t = transport_factory()
+    reply = await t(chat(emulator.base_url, stream=True, stream_options={"include_usage": True}))
+    assert reply.status == 200 and reply.stream is not None
+    decoder = ChatStreamDecoder()
+    chunks = []
+    async for data in reply.stream:
+        chunks += decoder.feed(data)
+    chunks += decoder.close()
+    assert "".join(c.text for c in chunks).startswith("Emulated answer")
+    assert chunks[-1].usage is not None
+
+
+async def test_keep_alive_reuses_one_connection(
+    emulator: RunningEmulator, transport_factory: TransportFactory
+) -> None:
+    t = transport_factory()
+    for _ in range(10):
+        assert (await t(chat(emulator.base_url))).status == 200
+    assert emulator.counts["connections"] == 1
+
+
+async def test_server_closing_idle_connections_is_absorbed(
+    transport_factory: TransportFactory,
+) -> None:
+    with serve_in_thread(keepalive_timeout=0.1) as emu:
+        t = transport_factory()
+        for _ in range(3):
+            assert (await t(chat(emu.base_url))).status == 200
+            await anyio.sleep(0.3)
+        assert emu.counts["connections"] == 3
+        assert emu.counts["received"] == 3
+
+
+async def test_read_timeout(transport_factory: TransportFactory) -> None:
+    with serve_in_thread(EmulatorConfig(latency=Latency.fixed(3.0))) as emu:
+        t = transport_factory(timeouts=Timeouts(connect=2, read=0.2, write=2, pool=2))
+        with anyio.fail_after(2), pytest.raises(errors.ReadTimeout):
+            await t(chat(emu.base_url))
+
+
+async def test_connect_error(transport_factory: TransportFactory) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        t = transport_factory()
+        with pytest.raises(errors.ConnectError):
+            await t(chat(f"http://127.0.0.1:{port}/v1"))
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """Accepts connections and never reads or answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                held.append(conn)
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+async def test_write_timeout(
+    silent_server: int, transport_name: str, transport_factory: TransportFactory
+) -> None:
+    if transport_name == "aiohttp":
+        pytest.skip("aiohttp has no write timeout")
+    t = transport_factory(timeouts=Timeouts(connect=2, read=2, write=0.3, pool=2))
+    big = api_request(
+        f"http://127.0.0.1:{silent_server}/v1",
+        "/chat/completions",
+        {**CHAT, "pad": "x" * 32_000_000},
+        api_key=CANARY_KEY,
+    )
+    with anyio.fail_after(5), pytest.raises(errors.WriteTimeout):
+        await t(big)
+
+
+async def test_pool_timeout(transport_name: str, transport_factory: TransportFactory) -> None:
+    with serve_in_thread(EmulatorConfig(tokens_per_second=2)) as emu:
+        t = transport_factory(
+            max_connections=1, timeouts=Timeouts(connect=2, read=2, write=2, pool=0.2)
+        )
+        held = await t(chat(emu.base_url, stream=True))  # a slow stream holds the one slot
+        expected = errors.TimeoutError_ if transport_name == "aiohttp" else errors.PoolTimeout
+        with anyio.fail_after(3), pytest.raises(expected):
+            await t(chat(emu.base_url))
+        await held.aclose()
+        assert (await t(chat(emu.base_url, max_tokens=1))).status == 200
+
+
+@pytest.mark.parametrize("fault", [Fault.RESET, Fault.RESET_AFTER_FIRST_BYTE, Fault.TRUNCATE])
+async def test_broken_connections_raise_transport_errors(
+    fault: Fault, transport_factory: TransportFactory
+) -> None:
+    with serve_in_thread(EmulatorConfig(faults={fault: 1.0})) as emu:
+        t = transport_factory()
+        with anyio.fail_after(3), pytest.raises(errors.TransportError):
+            reply = await t(chat(emu.base_url))
+            decode_chat(reply)
+
+
+async def test_truncated_stream_is_detected(transport_factory: TransportFactory) -> None:
+    with serve_in_thread(EmulatorConfig(faults={Fault.TRUNCATE: 1.0})) as emu:
+        t = transport_factory()
+        reply = await t(chat(emu.base_url, stream=True))
+        assert reply.stream is not None
+        decoder = ChatStreamDecoder()
+        with pytest.raises(errors.RemoteProtocolError, match="truncated"):
+            async for data in reply.stream:
+                decoder.feed(data)
+            decoder.close()
+
+
+@pytest.fixture(scope="module")
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
+async def test_https_with_a_test_certificate(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], transport_factory: TransportFactory
+) -> None:
+    server_ctx, client_ctx = tls
+    with serve_in_thread(ssl_context=server_ctx) as emu:
+        assert emu.base_url.startswith("https://")
+        t = transport_factory(ssl_context=client_ctx)
+        for _ in range(3):
+            assert decode_chat(await t(chat(emu.base_url))).text
+        assert emu.counts["connections"] == 1
+        untrusting = transport_factory()
+        with pytest.raises(errors.ConnectError):
+            await untrusting(chat(emu.base_url))
+
+
+async def test_aiohttp_refuses_trio_clearly(anyio_backend: str, emulator: RunningEmulator) -> None:
+    if anyio_backend != "trio":
+        pytest.skip("trio only")
+    from corral.transports.aiohttp_transport import AiohttpTransport
+
+    with pytest.raises(errors.InvalidInput, match="only under asyncio"):
+        await AiohttpTransport()(chat(emulator.base_url))
