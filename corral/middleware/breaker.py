@@ -1,0 +1,122 @@
+"""A circuit breaker per key: stop calling a backend that keeps failing, probe it later.
+
+Policy (a state machine, pure): CLOSED counts outcomes in a rolling ``window``; when at least
+``min_calls`` were seen and the failure rate reaches ``threshold`` it goes OPEN for
+``cooldown`` seconds, refusing calls at once; then HALF_OPEN lets ``probes`` calls through:
+their success closes the circuit, a failure opens it again. Only server-side trouble counts as
+failure (5xx, connection faults, timeouts); a 4xx (429 included) never trips it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import anyio
+import attrs
+
+from corral.core.compose import Clock, Handler
+from corral.core.errors import CircuitOpen, TransportError
+from corral.core.models import Request, Response
+
+__all__ = ["BreakerPolicy", "CircuitBreaker", "State", "by_host"]
+
+
+class State(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@attrs.define
+class BreakerPolicy:
+    window: float = 30.0
+    min_calls: int = 20
+    threshold: float = 0.5
+    cooldown: float = 10.0
+    probes: int = 1
+    state: State = State.CLOSED
+    opened_at: float = 0.0
+    _outcomes: deque[tuple[float, bool]] = attrs.field(factory=deque)
+    _probes_out: int = 0
+
+    def before(self, now: float) -> float | None:
+        """None to let the call through, else the time the breaker will allow a probe."""
+        if self.state is State.OPEN:
+            if now < self.opened_at + self.cooldown:
+                return self.opened_at + self.cooldown
+            self.state, self._probes_out = State.HALF_OPEN, 0
+        if self.state is State.HALF_OPEN:
+            if self._probes_out >= self.probes:
+                return now + self.cooldown
+            self._probes_out += 1
+        return None
+
+    def record(self, now: float, failed: bool) -> None:
+        if self.state is State.HALF_OPEN:
+            if failed:
+                self._open(now)
+            else:
+                self.state = State.CLOSED
+                self._outcomes.clear()
+            return
+        if self.state is State.OPEN:
+            return  # a call admitted before the trip finished late; it changes nothing
+        self._outcomes.append((now, failed))
+        while self._outcomes and self._outcomes[0][0] <= now - self.window:
+            self._outcomes.popleft()
+        failures = sum(1 for _, f in self._outcomes if f)
+        if len(self._outcomes) >= self.min_calls and failures >= self.threshold * len(
+            self._outcomes
+        ):
+            self._open(now)
+
+    def abandon(self) -> None:
+        """A call let through ended with no outcome (cancelled): free its probe slot."""
+        if self.state is State.HALF_OPEN and self._probes_out > 0:
+            self._probes_out -= 1
+
+    def _open(self, now: float) -> None:
+        self.state, self.opened_at = State.OPEN, now
+        self._outcomes.clear()
+
+
+def by_host(request: Request) -> str:
+    return urlsplit(request.url).netloc
+
+
+class CircuitBreaker:
+    """Middleware: fail fast with ``CircuitOpen`` while a key's circuit is open."""
+
+    def __init__(
+        self,
+        *,
+        key: Callable[[Request], str] = by_host,
+        policy: Callable[[], BreakerPolicy] = BreakerPolicy,
+        clock: Clock = anyio.current_time,
+    ) -> None:
+        self._key, self._new_policy, self._clock = key, policy, clock
+        self.policies: dict[str, BreakerPolicy] = {}
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        key = self._key(request)
+        policy = self.policies.get(key)
+        if policy is None:
+            policy = self.policies[key] = self._new_policy()
+        retry_at = policy.before(self._clock())
+        if retry_at is not None:
+            raise CircuitOpen(
+                f"circuit for {key} is open; next probe at t={retry_at:.3f}", retry_at=retry_at
+            )
+        try:
+            response = await call_next(request)
+        except TransportError:
+            policy.record(self._clock(), failed=True)
+            raise
+        except BaseException:
+            policy.abandon()
+            raise
+        policy.record(self._clock(), failed=response.status >= 500)
+        return response

@@ -1,0 +1,47 @@
+"""Per-call deadlines: one absolute time, visible to every inner layer, enforced by a cancel scope.
+
+Inner layers read ``request.options.deadline`` (Retry will not start a sleep that would end
+after it); this shell cancels whatever is still running when it passes.
+"""
+
+from __future__ import annotations
+
+import anyio
+
+from corral.core.compose import Clock, Handler
+from corral.core.errors import DeadlineExceeded
+from corral.core.models import Request, Response
+
+__all__ = ["Deadline", "effective_deadline"]
+
+
+def effective_deadline(now: float, timeout: float | None, existing: float | None) -> float | None:
+    """The earlier of the call's own deadline and ``now + timeout``."""
+    candidates = [
+        d for d in (existing, None if timeout is None else now + timeout) if d is not None
+    ]
+    return min(candidates) if candidates else None
+
+
+class Deadline:
+    """Middleware: give each call at most ``timeout`` seconds in total (all retries included)."""
+
+    def __init__(self, timeout: float | None = None, *, clock: Clock = anyio.current_time) -> None:
+        self.timeout = timeout
+        self._clock = clock
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        now = self._clock()
+        deadline = effective_deadline(now, self.timeout, request.options.deadline)
+        if deadline is None:
+            return await call_next(request)
+        if deadline <= now:
+            raise DeadlineExceeded("the call's deadline had passed before it started")
+        request = request.with_options(deadline=deadline)
+        try:
+            with anyio.fail_after(deadline - now):
+                return await call_next(request)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the call did not finish within its deadline ({deadline - now:.3g}s)"
+            ) from None

@@ -1,0 +1,279 @@
+"""Rate limiting by requests and tokens per minute (and per day), keyed, FIFO, refundable.
+
+Policy: one token bucket per dimension. A bucket of ``limit`` per ``window`` with burst ``B``
+holds at most ``B`` and refills at ``(limit - B) / window``, so *any* window of that length
+admits at most ``limit`` (what a provider's sliding window enforces) and a cold start sends at
+most ``B`` at once. A call reserves its estimated cost (prompt + max output tokens, as providers
+count) and later settles with the real ``usage``: the difference is refunded or charged.
+
+Shell: one FIFO queue per key. Only the head of the queue may take capacity, so a large call
+is never starved by small ones behind it; a cancelled waiter leaves the queue having taken
+nothing; a refund, a header resync or a pause end wakes the head early.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import deque
+from collections.abc import Callable
+
+import anyio
+import attrs
+
+from corral.core import jsonlib
+from corral.core.classify import parse_rate_limit_headers, parse_retry_after
+from corral.core.compose import Clock, Handler
+from corral.core.errors import RequestTooLarge
+from corral.core.models import Request, Response
+from corral.core.tokens import EstimatingCounter, TokenCounter, estimate_request_tokens
+
+__all__ = ["Bucket", "Cost", "RateLimit", "RateLimitPolicy", "by_model"]
+
+
+@attrs.frozen
+class Cost:
+    requests: int = 1
+    tokens: int = 0
+
+
+@attrs.define
+class Bucket:
+    """``capacity`` units, refilled at ``rate`` per second; starts full."""
+
+    name: str
+    rate: float
+    capacity: float
+    level: float
+    updated: float
+
+    @classmethod
+    def per_window(
+        cls, name: str, limit: int, window: float, burst: float | None, now: float
+    ) -> Bucket:
+        if limit <= 0:
+            raise ValueError(f"{name} limit must be positive, got {limit}")
+        cap = float(min(limit, burst if burst is not None else max(1.0, limit / 100)))
+        if cap <= 0:
+            raise ValueError(f"{name} burst must be positive, got {burst}")
+        return cls(name, (limit - cap) / window if cap < limit else limit / window, cap, cap, now)
+
+    def refill(self, now: float) -> None:
+        if now > self.updated:
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait(self, amount: float) -> float:
+        """Seconds until ``amount`` is available (after ``refill``)."""
+        missing = amount - self.level
+        if missing <= 1e-9:
+            return 0.0
+        return missing / self.rate if self.rate > 0 else math.inf
+
+
+class RateLimitPolicy:
+    """The buckets of one key. Pure: every method takes ``now``."""
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        rpd: int | None = None,
+        tpd: int | None = None,
+        burst_requests: float | None = None,
+        burst_tokens: float | None = None,
+    ) -> None:
+        self.requests = [
+            Bucket.per_window(name, limit, window, burst_requests if window == 60 else None, now)
+            for name, limit, window in (("rpm", rpm, 60.0), ("rpd", rpd, 86_400.0))
+            if limit is not None
+        ]
+        self.tokens = [
+            Bucket.per_window(name, limit, window, burst_tokens if window == 60 else None, now)
+            for name, limit, window in (("tpm", tpm, 60.0), ("tpd", tpd, 86_400.0))
+            if limit is not None
+        ]
+        self.paused_until = -math.inf
+
+    def _pairs(self, cost: Cost) -> list[tuple[Bucket, int]]:
+        return [(b, cost.requests) for b in self.requests] + [(b, cost.tokens) for b in self.tokens]
+
+    def check(self, now: float, cost: Cost) -> float:
+        """Seconds until ``cost`` can be taken (0: now). ``RequestTooLarge`` if never."""
+        for bucket, amount in self._pairs(cost):
+            if amount > bucket.capacity:
+                raise RequestTooLarge(
+                    f"this call needs {amount} {bucket.name} units but the bucket holds at most "
+                    f"{bucket.capacity:g}; raise the burst or split the request"
+                )
+        wait = max(0.0, self.paused_until - now)
+        for bucket, amount in self._pairs(cost):
+            bucket.refill(now)
+            wait = max(wait, bucket.wait(amount))
+        return wait
+
+    def take(self, now: float, cost: Cost) -> None:
+        for bucket, amount in self._pairs(cost):
+            bucket.refill(now)
+            bucket.level -= amount
+
+    def settle(self, now: float, reserved: int, actual: int) -> None:
+        """Refund (or charge) the difference between reserved and actual tokens."""
+        for bucket in self.tokens:
+            bucket.refill(now)
+            bucket.level = min(bucket.capacity, bucket.level + reserved - actual)
+
+    def resync(
+        self, now: float, remaining_requests: int | None, remaining_tokens: int | None
+    ) -> None:
+        """Trust the server when it says less is left than we think (never when it says more)."""
+        for buckets, remaining in (
+            (self.requests, remaining_requests),
+            (self.tokens, remaining_tokens),
+        ):
+            if remaining is None:
+                continue
+            for bucket in buckets[:1]:  # the per-minute bucket is the one headers describe
+                bucket.refill(now)
+                bucket.level = min(bucket.level, float(remaining))
+
+    def pause(self, until: float) -> None:
+        """After a 429 the whole key waits, not only the call that got it."""
+        self.paused_until = max(self.paused_until, until)
+
+
+def by_model(request: Request) -> str:
+    """The default key: one quota per model, as providers meter."""
+    return request.options.model or "default"
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    cost: Cost
+    wake: anyio.Event = attrs.field(factory=anyio.Event)
+
+
+class _KeyQueue:
+    def __init__(self, policy: RateLimitPolicy, clock: Clock) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.queue: deque[_Waiter] = deque()
+
+    def wake_head(self) -> None:
+        if self.queue:
+            self.queue[0].wake.set()
+
+    async def acquire(self, cost: Cost) -> float:
+        """Wait for and take ``cost``; returns the seconds spent waiting."""
+        start = self.clock()
+        if not self.queue and self.policy.check(start, cost) <= 0:
+            self.policy.take(start, cost)
+            return 0.0
+        me = _Waiter(cost)
+        self.queue.append(me)
+        try:
+            while True:
+                if self.queue[0] is me:
+                    now = self.clock()
+                    wait = self.policy.check(now, cost)
+                    if wait <= 0:
+                        self.policy.take(now, cost)
+                        return now - start
+                    with anyio.move_on_after(wait):
+                        await me.wake.wait()
+                else:
+                    await me.wake.wait()
+                me.wake = anyio.Event()
+        finally:
+            head = self.queue[0] is me
+            self.queue.remove(me)
+            if head:
+                self.wake_head()
+
+
+class RateLimit:
+    """Middleware: wait for quota before each attempt; learn from usage, headers and 429s."""
+
+    def __init__(
+        self,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        *,
+        rpd: int | None = None,
+        tpd: int | None = None,
+        burst_requests: float | None = None,
+        burst_tokens: float | None = None,
+        key: Callable[[Request], str] = by_model,
+        counter: TokenCounter | None = None,
+        clock: Clock = anyio.current_time,
+    ) -> None:
+        self._new_policy = functools.partial(
+            RateLimitPolicy,
+            rpm=rpm,
+            tpm=tpm,
+            rpd=rpd,
+            tpd=tpd,
+            burst_requests=burst_requests,
+            burst_tokens=burst_tokens,
+        )
+        self._new_policy(0.0)  # validate the limits now, not on the first call
+        self._key = key
+        self._counter = counter or EstimatingCounter()
+        self._clock = clock
+        self._queues: dict[str, _KeyQueue] = {}
+        #: Total seconds calls spent waiting for quota (for metrics).
+        self.waited = 0.0
+
+    def policy(self, key: str) -> RateLimitPolicy:
+        return self._queue(key).policy
+
+    def _queue(self, key: str) -> _KeyQueue:
+        queue = self._queues.get(key)
+        if queue is None:
+            policy = self._new_policy(self._clock())
+            queue = self._queues[key] = _KeyQueue(policy, self._clock)
+        return queue
+
+    def estimate(self, request: Request) -> int:
+        if request.options.estimated_tokens is not None:
+            return request.options.estimated_tokens
+        if not request.body:
+            return 0
+        try:
+            body = jsonlib.loads(request.body)
+        except jsonlib.JSONDecodeError:
+            return 0
+        return estimate_request_tokens(body, self._counter) if isinstance(body, dict) else 0
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        queue = self._queue(self._key(request))
+        reserved = self.estimate(request)
+        self.waited += await queue.acquire(Cost(1, reserved))
+        response = await call_next(request)
+        now = self._clock()
+        policy = queue.policy
+        if response.status == 429:
+            policy.pause(now + (parse_retry_after(response.headers) or 1.0))
+        limits = parse_rate_limit_headers(response.headers)
+        if limits.present:
+            policy.resync(now, limits.remaining_requests, limits.remaining_tokens)
+        if response.status == 200 and response.stream is None:
+            actual = _usage_tokens(response.body)
+            if actual is not None:
+                policy.settle(now, reserved, actual)
+        queue.wake_head()
+        return response
+
+
+def _usage_tokens(body: bytes) -> int | None:
+    if b'"usage"' not in body:
+        return None
+    try:
+        data = jsonlib.loads(body)
+    except jsonlib.JSONDecodeError:
+        return None
+    usage = data.get("usage") if isinstance(data, dict) else None
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if isinstance(total, int) else None
