@@ -67,6 +67,8 @@ class BreakerPolicy:
         self._outcomes.append((now, failed))
         while self._outcomes and self._outcomes[0][0] <= now - self.window:
             self._outcomes.popleft()
+        if not failed:
+            return  # a success never trips the breaker, whatever the rate
         failures = sum(1 for _, f in self._outcomes if f)
         if len(self._outcomes) >= self.min_calls and failures >= self.threshold * len(
             self._outcomes

@@ -1,0 +1,213 @@
+"""The middleware shells on a virtual clock (trio's MockClock): the real stack, simulated time."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+import trio.testing
+
+from corral.core import Headers, Request, Response, api_request, build_stack, errors
+from corral.middleware import (
+    BreakerPolicy,
+    CircuitBreaker,
+    ConcurrencyLimit,
+    Deadline,
+    RateLimit,
+    Retry,
+    RetryPolicy,
+)
+from corral.testing.emulator import EmulatorConfig, Latency
+from corral.testing.simulator import SimulatedProvider
+from corral.transports import MemoryTransport
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    return "trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}
+
+
+def chat(tokens: int = 10, model: str = "m") -> Request:
+    request = api_request(
+        "http://sim/v1",
+        "/chat/completions",
+        {"model": model, "messages": [{"role": "user", "content": "hi"}]},
+        api_key="sk-test",
+    )
+    return request.with_options(estimated_tokens=tokens)
+
+
+def ok(_: Request) -> Response:
+    return Response(
+        200, Headers({"content-type": "application/json"}), b'{"usage": {"total_tokens": 5}}'
+    )
+
+
+async def test_full_stack_in_virtual_time_meets_the_limit_with_no_429s() -> None:
+    provider = SimulatedProvider(
+        EmulatorConfig(rpm=600, tpm=100_000, latency=Latency.uniform(0.2, 0.8))
+    )
+    limiter = RateLimit(rpm=600, tpm=100_000, burst_requests=6, burst_tokens=2_000)
+    stack = build_stack([Retry(), limiter, ConcurrencyLimit(64)], provider)
+    n = 1_500
+    start = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(
+                stack,
+                api_request(
+                    "http://sim/v1",
+                    "/chat/completions",
+                    {
+                        "model": "m",
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 20,
+                    },
+                    api_key="sk-test",
+                ),
+            )
+    makespan = anyio.current_time() - start
+    ideal = n / (600 / 60)
+    assert provider.counts.get("rate_limited", 0) == 0
+    assert provider.counts["ok"] == n
+    assert ideal <= makespan <= ideal * 1.02 + 1.0
+
+
+async def test_a_429_pauses_the_whole_key_until_retry_after() -> None:
+    calls: list[float] = []
+
+    def handler(request: Request) -> Response:
+        calls.append(anyio.current_time())
+        if len(calls) == 1:
+            return Response(429, Headers({"retry-after": "5"}), b"{}")
+        return ok(request)
+
+    limiter = RateLimit(rpm=6_000)
+    stack = build_stack([limiter], MemoryTransport(handler))
+    t0 = anyio.current_time()
+    assert (await stack(chat())).status == 429
+    assert (await stack(chat())).status == 200
+    assert calls[1] - t0 >= 5.0
+
+
+async def test_fifo_a_large_request_is_not_starved() -> None:
+    order: list[int] = []
+
+    def handler(request: Request) -> Response:
+        order.append(request.options.estimated_tokens or 0)
+        return Response(200, Headers(), b"{}")
+
+    stack = build_stack([RateLimit(tpm=6_000, burst_tokens=1_000)], MemoryTransport(handler))
+    async with anyio.create_task_group() as tg:
+        await stack(chat(900))  # drain the bucket
+        tg.start_soon(stack, chat(1_000))
+        await anyio.sleep(0.01)
+        for _ in range(20):
+            tg.start_soon(stack, chat(50))
+            await anyio.sleep(0.001)
+    assert order[1] == 1_000
+
+
+async def test_cancelled_waiter_uses_no_capacity_and_too_large_fails_at_once() -> None:
+    limiter = RateLimit(tpm=6_000, burst_tokens=1_000)
+    stack = build_stack([limiter], MemoryTransport(ok))
+    await stack(chat(1_000))
+    with anyio.move_on_after(1):
+        await stack(chat(1_000))  # needs 10 s of refill; cancelled after 1 s
+    level_after_cancel = limiter.policy("m").tokens[0]
+    level_after_cancel.refill(anyio.current_time())
+    assert level_after_cancel.level >= 0  # nothing was taken by the cancelled call
+    t = anyio.current_time()
+    with pytest.raises(errors.RequestTooLarge):
+        await stack(chat(5_000))
+    assert anyio.current_time() == t
+
+
+async def test_retry_recovers_from_transient_errors_and_honours_retry_after() -> None:
+    statuses = [503, 429, 200]
+    times: list[float] = []
+
+    def handler(_: Request) -> Response:
+        times.append(anyio.current_time())
+        status = statuses[len(times) - 1]
+        headers = Headers({"retry-after": "3"}) if status == 429 else Headers()
+        return Response(status, headers, b'{"error": {"message": "x"}}' if status >= 400 else b"{}")
+
+    retry = Retry(RetryPolicy(base=0.1, cap=1.0))
+    stack = build_stack([retry], MemoryTransport(handler))
+    assert (await stack(chat())).status == 200
+    assert len(times) == 3 and times[2] - times[1] >= 3.0
+    assert retry.retries == {"server_error": 1, "rate_limited": 1}
+
+
+async def test_client_errors_are_returned_after_one_attempt() -> None:
+    transport = MemoryTransport(
+        lambda _: Response(400, Headers(), b'{"error": {"message": "bad"}}')
+    )
+    response = await build_stack([Retry()], transport)(chat())
+    assert response.status == 400 and transport.calls == 1
+
+
+async def test_transport_errors_are_retried_then_raised() -> None:
+    def handler(_: Request) -> Response:
+        raise errors.ConnectError("refused")
+
+    transport = MemoryTransport(handler)
+    stack = build_stack([Retry(RetryPolicy(max_attempts=3, base=0.1))], transport)
+    with pytest.raises(errors.ConnectError):
+        await stack(chat())
+    assert transport.calls == 3
+
+
+async def test_deadline_bounds_the_whole_call_including_retries() -> None:
+    async def slow(_: Request) -> Response:
+        await anyio.sleep(2)
+        return Response(503, Headers(), b"{}")
+
+    stack = build_stack(
+        [Deadline(5.0), Retry(RetryPolicy(max_attempts=100, base=1, cap=1))], MemoryTransport(slow)
+    )
+    t0 = anyio.current_time()
+    try:
+        response = await stack(chat())
+        assert response.status == 503  # Retry gave up rather than sleep past the deadline
+    except errors.DeadlineExceeded:
+        pass
+    assert anyio.current_time() - t0 <= 5.0
+
+
+async def test_circuit_opens_on_server_errors_not_on_4xx() -> None:
+    status = [429]
+    transport = MemoryTransport(lambda _: Response(status[0], Headers(), b"{}"))
+    breaker = CircuitBreaker(policy=lambda: BreakerPolicy(min_calls=5, cooldown=10))
+    stack = build_stack([breaker], transport)
+    for _ in range(10):
+        await stack(chat())
+    assert breaker.policies["sim"].state.value == "closed"  # 429s never trip it
+    status[0] = 500
+    for _ in range(10):  # 10 failures of 20 calls reaches the 50% threshold
+        await stack(chat())
+    with pytest.raises(errors.CircuitOpen):
+        await stack(chat())
+    assert transport.calls == 20
+    await anyio.sleep(10)
+    status[0] = 200
+    assert (await stack(chat())).status == 200  # the probe closes it again
+
+
+async def test_concurrency_limit_caps_in_flight() -> None:
+    in_flight = [0, 0]
+
+    async def handler(_: Request) -> Response:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight[1], in_flight[0])
+        await anyio.sleep(0.1)
+        in_flight[0] -= 1
+        return Response(200, Headers(), b"{}")
+
+    stack = build_stack([ConcurrencyLimit(7)], MemoryTransport(handler))
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(stack, chat())
+    assert in_flight[1] == 7
