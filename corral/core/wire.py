@@ -33,6 +33,7 @@ __all__ = [
     "decode_json",
     "decode_models",
     "raise_for_status",
+    "usage_from_body",
 ]
 
 
@@ -120,6 +121,17 @@ class Usage:
 
         prompt, completion = num("prompt_tokens"), num("completion_tokens")
         return cls(prompt, completion, num("total_tokens") or prompt + completion)
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    """The ``usage`` of a buffered JSON body, cheaply skipping bodies that have none."""
+    if b'"usage"' not in body:
+        return None
+    try:
+        data = jsonlib.loads(body)
+    except jsonlib.JSONDecodeError:
+        return None
+    return Usage.parse(data.get("usage")) if isinstance(data, Mapping) else None
 
 
 @attrs.frozen

@@ -27,6 +27,7 @@ from corral.core.compose import Clock, Handler
 from corral.core.errors import RequestTooLarge
 from corral.core.models import Request, Response
 from corral.core.tokens import EstimatingCounter, TokenCounter, estimate_request_tokens
+from corral.core.wire import usage_from_body
 
 __all__ = ["Bucket", "Cost", "RateLimit", "RateLimitPolicy", "by_model"]
 
@@ -260,20 +261,8 @@ class RateLimit:
         if limits.present:
             policy.resync(now, limits.remaining_requests, limits.remaining_tokens)
         if response.status == 200 and response.stream is None:
-            actual = _usage_tokens(response.body)
-            if actual is not None:
-                policy.settle(now, reserved, actual)
+            usage = usage_from_body(response.body)
+            if usage is not None:
+                policy.settle(now, reserved, usage.total_tokens)
         queue.wake_head()
         return response
-
-
-def _usage_tokens(body: bytes) -> int | None:
-    if b'"usage"' not in body:
-        return None
-    try:
-        data = jsonlib.loads(body)
-    except jsonlib.JSONDecodeError:
-        return None
-    usage = data.get("usage") if isinstance(data, dict) else None
-    total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    return total if isinstance(total, int) else None

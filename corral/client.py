@@ -1,0 +1,362 @@
+"""``Client``: the friendly front of a corral stack, and ``SyncClient`` for scripts.
+
+Default stack, outermost first (docs/stack.md says what each order means)::
+
+    Metrics -> [Cache] -> Deadline -> Retry -> CircuitBreaker -> [RateLimit]
+            -> ConcurrencyLimit -> transport
+
+A cache hit costs no quota; each retry pays the rate limit again and holds a concurrency slot
+only while it is on the wire; metrics see the whole call including waits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import attrs
+
+from corral.core import errors
+from corral.core.compose import Clock, Handler, Middleware, build_stack
+from corral.core.models import Request, RequestOptions, Response, Timeouts
+from corral.core.wire import (
+    ChatChunk,
+    ChatCompletion,
+    ChatStreamDecoder,
+    Embeddings,
+    api_request,
+    decode_chat,
+    decode_embeddings,
+    decode_models,
+    raise_for_status,
+)
+from corral.middleware.breaker import CircuitBreaker
+from corral.middleware.concurrency import ConcurrencyLimit
+from corral.middleware.deadline import Deadline
+from corral.middleware.metrics import Aggregator, Metrics
+from corral.middleware.ratelimit import RateLimit
+from corral.middleware.retry import Retry, RetryBudget, RetryPolicy
+from corral.transports.base import Transport
+
+__all__ = ["Client", "MapResult", "SyncClient", "default_middleware", "resolve_api_key"]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_PLACEHOLDERS = {"sk-...", "sk-xxx", "your-api-key", "your_api_key", "changeme", "none", "null"}
+
+
+def resolve_api_key(api_key: str | None, api_key_env: str = "OPENAI_API_KEY") -> str:
+    """The key to use, or ``InvalidInput`` saying exactly how to provide one."""
+    key = (
+        api_key
+        if api_key is not None
+        else (os.environ.get("CORRAL_API_KEY") or os.environ.get(api_key_env))
+    )
+    how = (
+        f"pass api_key=... or set {api_key_env} (or CORRAL_API_KEY), e.g. "
+        f"`export {api_key_env}=sk-your-real-key`"
+    )
+    if key is None or not key.strip():
+        raise errors.InvalidInput(f"no API key: {how}")
+    stripped = key.strip()
+    if stripped.lower() in _PLACEHOLDERS or (stripped.startswith("<") and stripped.endswith(">")):
+        raise errors.InvalidInput(f"the API key is a placeholder, not a real key: {how}")
+    return stripped
+
+
+def default_middleware(
+    *,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    concurrency: int = 64,
+    max_attempts: int = 5,
+    timeout: float | None = 600.0,
+    retry_budget: float = 0.2,
+    cache: Middleware | None = None,
+    metrics: Metrics | None = None,
+    seed: int | None = None,
+    clock: Clock = anyio.current_time,
+) -> list[Middleware]:
+    """The documented default stack; every policy is a keyword away."""
+    import random
+
+    layers: list[Middleware] = [metrics or Metrics(clock=clock)]
+    if cache is not None:
+        layers.append(cache)
+    layers.append(Deadline(timeout, clock=clock))
+    layers.append(
+        Retry(
+            RetryPolicy(max_attempts=max_attempts, rng=random.Random(seed)),
+            budget=RetryBudget(ratio=retry_budget),
+            clock=clock,
+        )
+    )
+    layers.append(CircuitBreaker(clock=clock))
+    if rpm is not None or tpm is not None:
+        layers.append(RateLimit(rpm=rpm, tpm=tpm, clock=clock))
+    layers.append(ConcurrencyLimit(concurrency, clock=clock))
+    return layers
+
+
+@attrs.frozen
+class MapResult:
+    """One outcome of ``Client.map``: the input's index and either a result or an error."""
+
+    index: int
+    result: ChatCompletion | None
+    error: errors.CorralError | None
+
+
+class Client:
+    """Call an OpenAI-compatible API through a corral stack.
+
+    ``middleware=None`` uses ``default_middleware()``; pass a list (outermost first) to compose
+    your own, or ``[]`` for a bare transport.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        transport: Transport | None = None,
+        middleware: Sequence[Middleware] | None = None,
+        timeouts: Timeouts | None = None,
+        model: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.base_url = (
+            base_url
+            or os.environ.get("CORRAL_BASE_URL")
+            or os.environ.get("OPENAI_BASE_URL")
+            or DEFAULT_BASE_URL
+        )
+        self._api_key = resolve_api_key(api_key, api_key_env)
+        if transport is None:
+            from corral.transports.http11 import H11Transport
+
+            transport = H11Transport(timeouts=timeouts)
+        self.transport = transport
+        self.middleware = list(default_middleware() if middleware is None else middleware)
+        self.handler: Handler = build_stack(self.middleware, transport)
+        self.model = model or os.environ.get("CORRAL_MODEL")
+        self._headers = dict(headers or {})
+
+    def __repr__(self) -> str:
+        return f"Client(base_url={self.base_url!r}, api_key=[redacted])"
+
+    @property
+    def metrics(self) -> Aggregator | None:
+        """The aggregator of the first ``Metrics`` layer, if the stack has one."""
+        for layer in self.middleware:
+            if isinstance(layer, Metrics):
+                return layer.aggregator
+        return None
+
+    def request(self, path: str, body: Mapping[str, Any] | None, **options: Any) -> Request:
+        """Build the ``Request`` for ``path`` (relative to ``base_url``) with this client's key."""
+        return api_request(
+            self.base_url,
+            path,
+            body,
+            api_key=self._api_key,
+            extra_headers=self._headers,
+            options=RequestOptions(**options),
+        )
+
+    async def send(self, request: Request) -> Response:
+        """Send through the stack; returns the raw ``Response`` (error statuses included)."""
+        return await self.handler(request)
+
+    def _chat_body(
+        self, messages: Any, model: str | None, params: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        body = dict(params)
+        if messages is not None:
+            body["messages"] = messages
+        chosen = model or body.get("model") or self.model
+        if not chosen:
+            raise errors.InvalidInput("no model: pass model=... or set CORRAL_MODEL")
+        body["model"] = chosen
+        return body
+
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        model: str | None = None,
+        **params: Any,
+    ) -> ChatCompletion:
+        """One chat completion. Extra keyword arguments go into the request body as they are."""
+        body = self._chat_body(messages, model, params)
+        body.pop("stream", None)
+        return decode_chat(await self.send(self.request("/chat/completions", body)))
+
+    async def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        model: str | None = None,
+        idle_timeout: float | None = 60.0,
+        **params: Any,
+    ) -> AsyncIterator[ChatChunk]:
+        """Chunks as they arrive; raises ``ReadTimeout`` if none comes for ``idle_timeout``."""
+        body = self._chat_body(messages, model, params)
+        body["stream"] = True
+        body.setdefault("stream_options", {"include_usage": True})
+        response = await self.send(self.request("/chat/completions", body))
+        if response.stream is None:
+            raise_for_status(response)
+            stream_bytes: AsyncIterator[bytes] = _once(response.body)
+        else:
+            if response.status >= 400:
+                raise_for_status(await response.aread())
+            stream_bytes = aiter(response.stream)
+        decoder = ChatStreamDecoder()
+        try:
+            while True:
+                try:
+                    with anyio.fail_after(idle_timeout if idle_timeout is not None else math.inf):
+                        data = await anext(stream_bytes)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise errors.ReadTimeout(
+                        f"no stream data for {idle_timeout}s", request_sent=True
+                    ) from None
+                for chunk in decoder.feed(data):
+                    yield chunk
+            for chunk in decoder.close():
+                yield chunk
+        finally:
+            await response.aclose()
+
+    async def embed(self, input: str | Sequence[str], *, model: str, **params: Any) -> Embeddings:
+        body = {"model": model, "input": input, **params}
+        return decode_embeddings(await self.send(self.request("/embeddings", body)))
+
+    async def models(self) -> list[str]:
+        return decode_models(await self.send(self.request("/models", None)))
+
+    async def map(
+        self,
+        bodies: Iterable[Mapping[str, Any]],
+        *,
+        concurrency: int = 64,
+        ordered: bool = False,
+    ) -> AsyncIterator[MapResult]:
+        """Run many chat bodies with at most ``concurrency`` in flight; errors come back as values.
+
+        ``bodies`` is consumed lazily, so a generator of a million items uses memory for
+        ``concurrency`` of them. With ``ordered=True`` results come in input order, and at most
+        ``concurrency`` items run ahead of the oldest unfinished one.
+        """
+        send, receive = anyio.create_memory_object_stream[MapResult](concurrency)
+        slots = anyio.Semaphore(concurrency)
+
+        async def one(index: int, body: Mapping[str, Any]) -> None:
+            try:
+                try:
+                    result = await self.chat(**self._chat_body(None, None, body))
+                    outcome = MapResult(index, result, None)
+                except errors.CorralError as exc:
+                    outcome = MapResult(index, None, exc)
+                await send.send(outcome)
+            finally:
+                if not ordered:
+                    slots.release()
+
+        async def produce() -> None:
+            async with send, anyio.create_task_group() as tg:
+                for index, body in enumerate(bodies):
+                    await slots.acquire()
+                    tg.start_soon(one, index, body, name=f"corral-map-{index}")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            pending: dict[int, MapResult] = {}
+            next_index = 0
+            async with receive:
+                async for outcome in receive:
+                    if not ordered:
+                        yield outcome
+                        continue
+                    pending[outcome.index] = outcome
+                    while next_index in pending:
+                        yield pending.pop(next_index)
+                        next_index += 1
+                        slots.release()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+class SyncClient:
+    """A blocking facade over ``Client`` for scripts and notebooks (its loop runs in a thread)."""
+
+    def __init__(self, *args: Any, backend: str = "asyncio", **kwargs: Any) -> None:
+        self._portal_cm = anyio.from_thread.start_blocking_portal(backend)
+        self._portal = self._portal_cm.__enter__()
+        try:
+            self._client: Client = self._portal.call(_make_client, args, kwargs)
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            raise
+
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any
+    ) -> ChatCompletion:
+        return self._portal.call(lambda: self._client.chat(messages, **kwargs))
+
+    def embed(self, input: str | Sequence[str], **kwargs: Any) -> Embeddings:
+        return self._portal.call(lambda: self._client.embed(input, **kwargs))
+
+    def stream_chat(
+        self, messages: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any
+    ) -> list[ChatChunk]:
+        """All chunks of one streamed answer (a list: a blocking iterator would hold the loop)."""
+
+        async def collect() -> list[ChatChunk]:
+            return [c async for c in self._client.stream_chat(messages, **kwargs)]
+
+        return self._portal.call(collect)
+
+    def map(self, bodies: Iterable[Mapping[str, Any]], **kwargs: Any) -> list[MapResult]:
+        async def collect() -> list[MapResult]:
+            return [r async for r in self._client.map(bodies, **kwargs)]
+
+        return self._portal.call(collect)
+
+    @property
+    def metrics(self) -> Aggregator | None:
+        return self._client.metrics
+
+    def close(self) -> None:
+        try:
+            self._portal.call(self._client.aclose)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+async def _make_client(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Client:
+    return Client(*args, **kwargs)

@@ -1,0 +1,113 @@
+"""The Client against the live emulator, on asyncio and trio."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from corral.client import Client, SyncClient, default_middleware, resolve_api_key
+from corral.core import errors
+from corral.testing.emulator import EmulatorConfig, Fault
+from corral.testing.server import RunningEmulator, serve_in_thread
+from tests.conftest import CANARY_KEY
+
+pytestmark = pytest.mark.anyio
+MESSAGES = [{"role": "user", "content": "Is this good?"}]
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "sk-...", "<your key>", "YOUR_API_KEY"])
+def test_missing_or_placeholder_keys_fail_with_instructions(bad: str) -> None:
+    with pytest.raises(errors.InvalidInput, match="OPENAI_API_KEY"):
+        resolve_api_key(bad)
+
+
+def test_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CORRAL_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY_KEY)
+    assert resolve_api_key(None) == CANARY_KEY
+    monkeypatch.setenv("CORRAL_API_KEY", "sk-other-real-key")
+    assert resolve_api_key(None) == "sk-other-real-key"
+
+
+async def test_chat_stream_embed_models(emulator: RunningEmulator) -> None:
+    async with Client(emulator.base_url, CANARY_KEY, model="gpt-4o-mini") as client:
+        assert CANARY_KEY not in repr(client)
+        result = await client.chat(MESSAGES, temperature=0)
+        assert result.text.startswith("Emulated answer")
+        chunks = [c async for c in client.stream_chat(MESSAGES)]
+        assert "".join(c.text for c in chunks) == result.text
+        assert chunks[-1].usage is not None
+        emb = await client.embed(["a b", "c"], model="text-embedding-3-small")
+        assert len(emb.vectors) == 2
+        assert "gpt-4o-mini" in await client.models()
+        metrics = client.metrics
+        assert metrics is not None and metrics.count == 4
+
+
+async def test_typed_errors_reach_the_caller(emulator: RunningEmulator) -> None:
+    async with Client(emulator.base_url, CANARY_KEY) as client:
+        with pytest.raises(errors.ContextLengthExceeded):
+            await client.chat(
+                [{"role": "user", "content": "x " * 10_000}], model="small-model", max_tokens=10
+            )
+        with pytest.raises(errors.InvalidInput, match="model"):
+            await client.chat(MESSAGES)
+
+
+async def test_stream_idle_timeout() -> None:
+    with serve_in_thread(EmulatorConfig(tokens_per_second=1)) as emu:
+        async with Client(emu.base_url, CANARY_KEY, model="m") as client:
+            with pytest.raises(errors.ReadTimeout, match="no stream data"):
+                async for _ in client.stream_chat(MESSAGES, idle_timeout=0.2):
+                    pass
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_map_returns_every_item_once_with_errors_as_values(ordered: bool) -> None:
+    config = EmulatorConfig(faults={Fault.SERVER_ERROR: 0.3}, seed=3)
+    with serve_in_thread(config) as emu:
+        stack = default_middleware(max_attempts=1)  # no retries: some 500s surface as values
+        async with Client(emu.base_url, CANARY_KEY, middleware=stack) as client:
+            bodies = (
+                {"model": "m", "messages": [{"role": "user", "content": str(i)}]} for i in range(60)
+            )
+            results = [r async for r in client.map(bodies, concurrency=8, ordered=ordered)]
+    assert sorted(r.index for r in results) == list(range(60))
+    if ordered:
+        assert [r.index for r in results] == list(range(60))
+    failed = [r for r in results if r.error is not None]
+    assert failed and all(isinstance(r.error, errors.ServerError) for r in failed)
+    assert all(r.result is not None for r in results if r.error is None)
+
+
+async def test_default_stack_absorbs_faults() -> None:
+    config = EmulatorConfig(
+        faults={
+            Fault.SERVER_ERROR: 0.04,
+            Fault.RESET: 0.02,
+            Fault.MALFORMED: 0.02,
+            Fault.RATE_LIMIT: 0.02,
+        },
+        fault_retry_after=0.05,
+        seed=1,
+    )
+    with serve_in_thread(config) as emu:
+        async with Client(emu.base_url, CANARY_KEY, model="m") as client:
+            bodies = [{"messages": [{"role": "user", "content": str(i)}]} for i in range(100)]
+            results = [r async for r in client.map(bodies, concurrency=16)]
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    assert emu.counts["received"] > 100  # the faults happened and were retried
+
+
+def test_sync_client(emulator: RunningEmulator) -> None:
+    with SyncClient(emulator.base_url, CANARY_KEY, model="m") as client:
+        assert client.chat(MESSAGES).text
+        assert client.stream_chat(MESSAGES)
+        assert len(client.map([{"messages": MESSAGES}] * 5)) == 5
+
+
+async def test_cancellation_propagates(emulator: RunningEmulator) -> None:
+    async with Client(emulator.base_url, CANARY_KEY, model="m") as client:
+        with anyio.move_on_after(0):
+            await client.chat(MESSAGES)
+        assert (await client.chat(MESSAGES)).text
