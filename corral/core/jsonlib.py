@@ -10,7 +10,7 @@ __all__ = ["JSONDecodeError", "dumps", "dumps_canonical", "loads"]
 try:
     import orjson
 except ImportError:  # pragma: no cover - exercised when the extra is absent
-    orjson = None
+    orjson = None  # type: ignore[assignment]
 
 JSONDecodeError: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError, RecursionError)
 
@@ -24,12 +24,12 @@ def loads(data: bytes | str) -> Any:
 
 def dumps(value: Any) -> bytes:
     if orjson is not None:
-        return orjson.dumps(value)  # type: ignore[no-any-return]
+        return orjson.dumps(value)
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def dumps_canonical(value: Any) -> bytes:
     """Sorted keys, no spaces: equal values give equal bytes (for cache keys)."""
     if orjson is not None:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)  # type: ignore[no-any-return]
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
     return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()

@@ -251,7 +251,8 @@ class RateLimit:
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         queue = self._queue(self._key(request))
         reserved = self.estimate(request)
-        self.waited += await queue.acquire(Cost(1, reserved))
+        waited = await queue.acquire(Cost(1, reserved))
+        self.waited += waited  # not `+= await`: that would read the total before the wait
         response = await call_next(request)
         now = self._clock()
         policy = queue.policy

@@ -1,0 +1,188 @@
+"""The batch runner and `corral run`: exactly once, resume, bad input, refusal, summary."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from corral.batch.items import IdSet, parse_line
+from corral.batch.runner import BatchOptions, BatchRunner, estimate_cost, preflight
+from corral.batch.store import scan_output
+from corral.cli import main
+from corral.client import Client, default_middleware
+from corral.core import errors
+from corral.testing.emulator import EmulatorConfig, Fault
+from corral.testing.server import RunningEmulator, serve_in_thread
+from tests.conftest import CANARY_KEY
+
+pytestmark = pytest.mark.anyio
+
+
+def write_input(path: Path, n: int, *, extra: list[str] | None = None) -> None:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(
+                json.dumps(
+                    {
+                        "custom_id": f"r{i}",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {
+                            "model": "gpt-4o-mini",
+                            "max_tokens": 5,
+                            "messages": [{"role": "user", "content": f"item {i}"}],
+                        },
+                    }
+                )
+                + "\n"
+            )
+        for line in extra or []:
+            f.write(line + "\n")
+
+
+def read_output(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_line_parsing_names_the_problem() -> None:
+    assert parse_line(3, b"{nope").reason.startswith("not valid JSON")  # type: ignore[union-attr]
+    assert "custom_id" in parse_line(1, b'{"custom_id": 5}').reason  # type: ignore[union-attr]
+    bad_url = parse_line(2, b'{"custom_id": "a", "url": "/v2/x", "body": {}}')
+    assert "url" in bad_url.reason  # type: ignore[union-attr]
+    plain = parse_line(7, b'{"model": "m", "messages": []}')
+    assert plain.custom_id == "line-7"  # type: ignore[union-attr]
+    assert parse_line(1, b"   \n") is None
+
+
+def test_id_set() -> None:
+    ids = IdSet()
+    for i in range(1000):
+        ids.add(f"id-{i}")
+    assert "id-5" in ids and "id-1000" not in ids and len(ids) == 1000
+    ids.add("id-5")
+    assert len(ids.duplicates()) == 1
+
+
+async def run(emu: RunningEmulator, options: BatchOptions, **stack: object) -> BatchRunner:
+    middleware = default_middleware(**stack)  # type: ignore[arg-type]
+    async with Client(emu.base_url, CANARY_KEY, middleware=middleware) as client:
+        runner = BatchRunner(client, options)
+        await runner.run()
+    return runner
+
+
+async def test_every_custom_id_exactly_once_with_bad_lines(
+    tmp_path: Path, emulator: RunningEmulator
+) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, 50, extra=["{broken", '{"custom_id": "x", "body": 3}'])
+    runner = await run(emulator, BatchOptions(source, out, concurrency=8))
+    records = read_output(out)
+    ids = Counter(r["custom_id"] for r in records)
+    assert set(ids.values()) == {1} and len(ids) == 52
+    bad = [r for r in records if r["error"] is not None]
+    assert len(bad) == 2 and all("in.jsonl:" in r["error"]["message"] for r in bad)  # type: ignore[index]
+    ok = next(r for r in records if r["custom_id"] == "r0")
+    assert ok["response"]["status_code"] == 200 and ok["response"]["body"]["usage"]  # type: ignore[index]
+    assert runner.report.succeeded == 50 and runner.report.failed["invalid_input"] == 2
+    assert CANARY_KEY not in out.read_text() and out.stat().st_mode & 0o777 == 0o600
+
+
+async def test_resume_skips_done_and_repairs_a_torn_tail(
+    tmp_path: Path, emulator: RunningEmulator
+) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, 30)
+    await run(emulator, BatchOptions(source, out))
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:10]) + lines[10][: len(lines[10]) // 2])  # crash mid-line
+    before = emulator.counts["received"]
+    runner = await run(emulator, BatchOptions(source, out))
+    assert runner.report.skipped == 10 and runner.report.sent == 20
+    assert runner.report.repaired_bytes > 0
+    assert emulator.counts["received"] - before == 20
+    ids = Counter(r["custom_id"] for r in read_output(out))
+    assert len(ids) == 30 and set(ids.values()) == {1}
+
+
+async def test_retry_failed_reruns_only_failures(tmp_path: Path) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, 40)
+    with serve_in_thread(EmulatorConfig(faults={Fault.SERVER_ERROR: 0.3}, seed=5)) as emu:
+        first = await run(emu, BatchOptions(source, out), max_attempts=1)
+        failed = sum(first.report.failed.values())
+        assert failed > 0
+    with serve_in_thread() as emu:
+        second = await run(emu, BatchOptions(source, out, retry_failed=True))
+        assert second.report.sent == failed and emu.counts["received"] == failed
+    records = read_output(out)
+    assert len(records) == 40 and all(r["error"] is None for r in records)
+
+
+def test_duplicates_and_strict_are_refused_before_sending(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    write_input(source, 3, extra=[json.dumps({"custom_id": "r1", "body": {"messages": []}})])
+    with pytest.raises(
+        errors.InvalidInput, match=r"duplicate custom_id.*in.jsonl:2 \(r1\).*in.jsonl:4"
+    ):
+        preflight(BatchOptions(source, tmp_path / "out.jsonl"))
+    write_input(source, 3, extra=["not json"])
+    with pytest.raises(errors.InvalidInput, match=r"--strict.*in\.jsonl:4"):
+        preflight(BatchOptions(source, tmp_path / "out.jsonl", strict=True))
+
+
+def test_a_damaged_middle_line_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text(
+        '{"custom_id": "a", "error": null}\ngarbage\n{"custom_id": "b", "error": null}\n'
+    )
+    with pytest.raises(errors.InvalidInput, match=r"out\.jsonl:2"):
+        scan_output(out)
+
+
+def test_dry_run_estimates_without_sending(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    write_input(source, 10)
+    est = estimate_cost(BatchOptions(source, tmp_path / "o.jsonl"))
+    assert est.requests == 10 and est.max_output_tokens == 50 and 0 < est.cost_low < est.cost_high
+    assert main(["run", str(source), "-o", str(tmp_path / "o.jsonl"), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["requests"] == 10
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_run_summary_and_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, 20, extra=["{bad"])
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY_KEY)
+    with serve_in_thread() as emu:
+        args = [
+            "run",
+            str(source),
+            "-o",
+            str(out),
+            "--base-url",
+            emu.base_url,
+            "--json",
+            "--no-progress",
+            "--rpm",
+            "6000",
+            "--backend",
+            "trio",
+        ]
+        assert main(args) == 1  # the bad line is a failure
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["succeeded"] == 20 and summary["bad_lines"] == 1
+        assert summary["latency_s"]["p50"] > 0
+        assert main([*args, "--allow-failures"]) == 0  # resumed: nothing left to send
+        assert json.loads(capsys.readouterr().out)["skipped_already_done"] == 21
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    monkeypatch.delenv("CORRAL_API_KEY", raising=False)
+    assert main(["run", str(source), "-o", str(out)]) == 2
+    assert "OPENAI_API_KEY" in capsys.readouterr().err
