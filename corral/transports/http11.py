@@ -5,15 +5,19 @@ Each attempt holds a pool slot from before connect until its body is fully read 
 per origin (newest first) until ``keepalive_expiry``; one found closed by the server is dropped
 before use, and if a reused connection still dies before a single response byte arrives the
 request is sent once more on a fresh connection (the server cannot have answered it).
+
+Timeouts: one cancel scope per attempt whose deadline moves as the attempt passes through its
+phases (pool, connect, write, read). A scope per socket read would cost a fifth of the CPU of a
+small request; moving one deadline costs almost nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import ssl
 from collections.abc import AsyncIterator, Callable
-from typing import NoReturn
 
 import anyio
 import anyio.abc
@@ -28,37 +32,87 @@ __all__ = ["H11Transport"]
 
 _READ_SIZE = 65536
 _NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+_TIMEOUTS: dict[str, type[errors.TimeoutError_]] = {
+    "pool": errors.PoolTimeout,
+    "connect": errors.ConnectTimeout,
+    "write": errors.WriteTimeout,
+    "read": errors.ReadTimeout,
+}
 
 
 class _Stale(Exception):
     """A reused connection failed before any response byte: safe to send again."""
 
 
+class _Watch:
+    """The attempt's cancel scope and the phase whose deadline it currently carries."""
+
+    __slots__ = ("limit", "phase", "scope")
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.phase = "pool"
+        self.limit: float | None = None
+
+    def start(self, phase: str, seconds: float | None) -> None:
+        self.phase, self.limit = phase, seconds
+        self.scope.deadline = math.inf if seconds is None else anyio.current_time() + seconds
+
+    def error(self) -> errors.TimeoutError_:
+        kind = _TIMEOUTS[self.phase]
+        sent = self.phase == "read"
+        return kind(f"{self.phase} phase took over {self.limit}s", request_sent=sent)
+
+
 class _Connection:
-    __slots__ = ("h11", "idle_since", "origin", "stream")
+    __slots__ = ("closed", "fd", "h11", "idle_since", "origin", "stream")
 
     def __init__(self, origin: Origin, stream: anyio.abc.ByteStream) -> None:
         self.origin = origin
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        self.closed = False
+        try:
+            self.fd: int | None = stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+        except anyio.TypedAttributeLookupError:
+            self.fd = None
 
     def looks_closed(self) -> bool:
         """Did the server close (or write to) this idle connection? One non-blocking poll."""
-        try:
-            fd = self.stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
-        except anyio.TypedAttributeLookupError:
+        if self.fd is None:
             return False
         try:
-            readable, _, _ = select.select([fd], [], [], 0)
+            readable, _, _ = select.select([self.fd], [], [], 0)
         except (OSError, ValueError):
             return True
         return bool(readable)
 
     async def aclose(self) -> None:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(*_NETWORK_ERRORS):
-                await self.stream.aclose()
+        self.closed = True
+        with anyio.CancelScope(shield=True), contextlib.suppress(*_NETWORK_ERRORS):
+            await self.stream.aclose()
+
+
+class _Lease:
+    """A pool slot and (once connected) the connection using it; ``finish`` returns both once."""
+
+    __slots__ = ("conn", "done", "origin", "transport")
+
+    def __init__(self, transport: H11Transport, origin: Origin) -> None:
+        self.transport, self.origin = transport, origin
+        self.conn: _Connection | None = None
+        self.done = False
+
+    async def finish(self, reusable: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            if self.conn is not None:
+                await self.transport._put_back(self.conn, reusable)
+        finally:
+            self.transport._release(self.origin)
 
 
 class H11Transport:
@@ -99,39 +153,43 @@ class H11Transport:
         origin, target = split_url(request.url)
         timeouts = request.options.timeouts or self._timeouts
         started = self._clock()
-        await self._acquire(origin, timeouts.pool)
+        watch = _Watch()
+        lease: _Lease | None = None
         try:
-            conn = await self._checkout(origin, timeouts)
-            try:
-                status, headers = await self._exchange(conn, request, target, timeouts)
-            except _Stale:
-                conn = await self._connect(origin, timeouts)
+            with watch.scope:
+                watch.start("pool", timeouts.pool)
+                await self._acquire(origin)
+                lease = _Lease(self, origin)
+                conn = lease.conn = await self._checkout(origin, timeouts, watch)
                 try:
-                    status, headers = await self._exchange(conn, request, target, timeouts)
-                except _Stale:  # pragma: no cover - a fresh connection is never stale
-                    raise AssertionError("unreachable") from None
+                    status, headers = await self._exchange(conn, request, target, timeouts, watch)
+                except _Stale:
+                    conn = lease.conn = await self._connect(origin, timeouts, watch)
+                    status, headers = await self._exchange(conn, request, target, timeouts, watch)
+                first_byte = self._clock()
+                body = _Body(lease, timeouts)
+                if request.options.stream:
+                    return Response(
+                        status, headers, stream=body, timing=Timing(started, first_byte)
+                    )
+                chunks = [chunk async for chunk in body.chunks(watch)]
+                timing = Timing(started, first_byte, self._clock())
+                return Response(status, headers, b"".join(chunks), timing=timing)
         except BaseException:
-            self._release(origin)
+            if lease is not None:
+                await lease.finish(reusable=False)
             raise
-        timing = Timing(started=started, first_byte=self._clock())
-        body = _Body(self, conn, timeouts)
-        if request.options.stream:
-            return Response(status, headers, stream=body, timing=timing)
-        chunks = [chunk async for chunk in body]
-        return Response(
-            status,
-            headers,
-            b"".join(chunks),
-            timing=Timing(started, timing.first_byte, self._clock()),
-        )
+        # Only reached when the scope's own deadline fired.
+        if lease is not None:
+            await lease.finish(reusable=False)
+        raise watch.error()
 
     async def aclose(self) -> None:
         self._closed = True
         idle = [c for conns in self._idle.values() for c in conns]
         self._idle.clear()
         for conn in idle:
-            self._open -= 1
-            await conn.aclose()
+            await self._discard(conn)
 
     async def __aenter__(self) -> H11Transport:
         return self
@@ -141,64 +199,51 @@ class H11Transport:
 
     # -- pool -------------------------------------------------------------------------------
 
-    async def _acquire(self, origin: Origin, wait: float | None) -> None:
-        host_slots = None
-        if self._max_per_host is not None:
-            host_slots = self._host_slots.get(origin)
-            if host_slots is None:
-                host_slots = self._host_slots[origin] = anyio.Semaphore(self._max_per_host)
+    async def _acquire(self, origin: Origin) -> None:
+        if self._max_per_host is None:
+            await self._slots.acquire()
+            return
+        host_slots = self._host_slots.get(origin)
+        if host_slots is None:
+            host_slots = self._host_slots[origin] = anyio.Semaphore(self._max_per_host)
+        await host_slots.acquire()
         try:
-            with anyio.fail_after(wait):
-                if host_slots is not None:
-                    await host_slots.acquire()
-                try:
-                    await self._slots.acquire()
-                except BaseException:
-                    if host_slots is not None:
-                        host_slots.release()
-                    raise
-        except TimeoutError:
-            raise errors.PoolTimeout(
-                f"no connection slot for {origin.host_header} within {wait}s"
-            ) from None
+            await self._slots.acquire()
+        except BaseException:
+            host_slots.release()
+            raise
 
     def _release(self, origin: Origin) -> None:
         self._slots.release()
         if self._max_per_host is not None:
             self._host_slots[origin].release()
 
-    async def _checkout(self, origin: Origin, timeouts: Timeouts) -> _Connection:
+    async def _checkout(self, origin: Origin, timeouts: Timeouts, watch: _Watch) -> _Connection:
         idle = self._idle.get(origin)
         now = self._clock()
         while idle:
             conn = idle.pop()
             if now - conn.idle_since < self._keepalive_expiry and not conn.looks_closed():
                 return conn
-            self._open -= 1
-            await conn.aclose()
-        return await self._connect(origin, timeouts)
+            await self._discard(conn)
+        return await self._connect(origin, timeouts, watch)
 
-    async def _connect(self, origin: Origin, timeouts: Timeouts) -> _Connection:
+    async def _connect(self, origin: Origin, timeouts: Timeouts, watch: _Watch) -> _Connection:
         if self._open >= self._max_connections:
             await self._evict_one_idle()
-        tls = origin.scheme == "https"
+        watch.start("connect", timeouts.connect)
         try:
-            with anyio.fail_after(timeouts.connect):
-                stream: anyio.abc.ByteStream
-                if tls:
-                    stream = await anyio.connect_tcp(
-                        origin.host,
-                        origin.port,
-                        tls=True,
-                        ssl_context=self._ssl_context,
-                        tls_standard_compatible=False,
-                    )
-                else:
-                    stream = await anyio.connect_tcp(origin.host, origin.port)
-        except TimeoutError:
-            raise errors.ConnectTimeout(
-                f"connecting to {origin.host_header} took over {timeouts.connect}s"
-            ) from None
+            stream: anyio.abc.ByteStream
+            if origin.scheme == "https":
+                stream = await anyio.connect_tcp(
+                    origin.host,
+                    origin.port,
+                    tls=True,
+                    ssl_context=self._ssl_context,
+                    tls_standard_compatible=False,
+                )
+            else:
+                stream = await anyio.connect_tcp(origin.host, origin.port)
         except (OSError, ssl.SSLError) as exc:
             raise errors.ConnectError(f"cannot connect to {origin.host_header}: {exc}") from None
         self._open += 1
@@ -210,34 +255,34 @@ class H11Transport:
                 conn = conns.pop(0)
                 if not conns:
                     del self._idle[origin]
-                self._open -= 1
-                await conn.aclose()
+                await self._discard(conn)
                 return
 
-    async def _done(self, conn: _Connection, reusable: bool) -> None:
-        """The body is finished (or abandoned): pool or close the socket, free the slot."""
-        try:
-            if (
-                reusable
-                and not self._closed
-                and conn.h11.our_state is h11.DONE
-                and conn.h11.their_state is h11.DONE
-            ):
-                conn.h11.start_next_cycle()
-                conn.idle_since = self._clock()
-                self._idle.setdefault(conn.origin, []).append(conn)
-            else:
-                self._open -= 1
-                await conn.aclose()
-        finally:
-            self._release(conn.origin)
+    async def _discard(self, conn: _Connection) -> None:
+        if not conn.closed:
+            self._open -= 1
+            await conn.aclose()
+
+    async def _put_back(self, conn: _Connection, reusable: bool) -> None:
+        if (
+            reusable
+            and not conn.closed
+            and not self._closed
+            and conn.h11.our_state is h11.DONE
+            and conn.h11.their_state is h11.DONE
+        ):
+            conn.h11.start_next_cycle()
+            conn.idle_since = self._clock()
+            self._idle.setdefault(conn.origin, []).append(conn)
+        else:
+            await self._discard(conn)
 
     # -- one exchange -----------------------------------------------------------------------
 
     async def _exchange(
-        self, conn: _Connection, request: Request, target: str, timeouts: Timeouts
+        self, conn: _Connection, request: Request, target: str, timeouts: Timeouts, watch: _Watch
     ) -> tuple[int, Headers]:
-        reused = conn.h11.our_state is h11.IDLE and conn.idle_since > 0
+        reused = conn.idle_since > 0
         headers = [(b"host", conn.origin.host_header.encode())]
         if request.body or request.method in ("POST", "PUT", "PATCH"):
             headers.append((b"content-length", str(len(request.body)).encode()))
@@ -248,116 +293,99 @@ class H11Transport:
                 data += conn.h11.send(h11.Data(data=request.body))
             data += conn.h11.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
-            await self._fail(conn)
             raise errors.InvalidInput(f"cannot encode request: {exc}") from None
+        watch.start("write", timeouts.write)
         try:
-            with anyio.fail_after(timeouts.write):
-                await conn.stream.send(data)
-        except TimeoutError:
-            await self._fail(conn)
-            raise errors.WriteTimeout(f"sending took over {timeouts.write}s") from None
+            await conn.stream.send(data)
         except _NETWORK_ERRORS as exc:
-            await self._fail(conn)
+            await self._discard(conn)
             if reused:
                 raise _Stale from None
             raise errors.WriteError(f"connection lost while sending: {exc!r}") from None
+        watch.start("read", timeouts.read)
         got_bytes = False
         while True:
-            event = conn.h11.next_event()
+            try:
+                event = conn.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise errors.RemoteProtocolError(
+                    f"bad response head: {exc}", request_sent=True
+                ) from None
             if event is h11.NEED_DATA:
-                chunk = await self._receive(
-                    conn, timeouts, request_sent=True, stale_ok=reused and not got_bytes
-                )
+                chunk = await self._receive(conn, stale_ok=reused and not got_bytes)
                 got_bytes = got_bytes or bool(chunk)
-                continue
-            if isinstance(event, h11.Response):
+            elif isinstance(event, h11.Response):
                 return event.status_code, Headers.from_raw(event.headers)
-            if isinstance(event, h11.InformationalResponse):
-                continue
-            await self._fail(conn)
-            raise errors.RemoteProtocolError(
-                f"unexpected event before response: {event!r}", request_sent=True
-            )
+            elif not isinstance(event, h11.InformationalResponse):
+                raise errors.RemoteProtocolError(
+                    f"connection closed before a response ({type(event).__name__})",
+                    request_sent=True,
+                )
 
-    async def _receive(
-        self, conn: _Connection, timeouts: Timeouts, *, request_sent: bool, stale_ok: bool = False
-    ) -> bytes:
+    async def _receive(self, conn: _Connection, *, stale_ok: bool = False) -> bytes:
         try:
-            with anyio.fail_after(timeouts.read):
-                chunk = await conn.stream.receive(_READ_SIZE)
-        except TimeoutError:
-            await self._fail(conn)
-            raise errors.ReadTimeout(
-                f"no data from server for {timeouts.read}s", request_sent=request_sent
-            ) from None
+            chunk = await conn.stream.receive(_READ_SIZE)
         except anyio.EndOfStream:
             chunk = b""
         except _NETWORK_ERRORS as exc:
-            await self._fail(conn)
+            await self._discard(conn)
             if stale_ok:
                 raise _Stale from None
-            raise errors.ReadError(f"connection lost: {exc!r}", request_sent=request_sent) from None
+            raise errors.ReadError(f"connection lost: {exc!r}", request_sent=True) from None
         if not chunk and stale_ok:
-            await self._fail(conn)
+            await self._discard(conn)
             raise _Stale
-        try:
-            conn.h11.receive_data(chunk)
-        except h11.RemoteProtocolError as exc:  # pragma: no cover - h11 defers errors to next_event
-            self._raise_protocol(exc)
+        conn.h11.receive_data(chunk)
         return chunk
-
-    async def _fail(self, conn: _Connection) -> None:
-        self._open -= 1
-        await conn.aclose()
-
-    @staticmethod
-    def _raise_protocol(exc: h11.RemoteProtocolError) -> NoReturn:
-        raise errors.RemoteProtocolError(f"server broke HTTP/1.1: {exc}", request_sent=True)
 
 
 class _Body:
     """The response body of one exchange; finishing or closing it returns the connection."""
 
-    def __init__(self, transport: H11Transport, conn: _Connection, timeouts: Timeouts) -> None:
-        self._transport = transport
-        self._conn = conn
+    def __init__(self, lease: _Lease, timeouts: Timeouts) -> None:
+        assert lease.conn is not None
+        self._lease = lease
+        self._conn = lease.conn
         self._timeouts = timeouts
-        self._finished = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
+        return self.chunks(None)
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
-        conn, transport = self._conn, self._transport
-        while not self._finished:
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                await self._finish(reusable=False)
-                raise errors.RemoteProtocolError(
-                    f"response body cut short or malformed: {exc}", request_sent=True
-                ) from None
-            if event is h11.NEED_DATA:
+    async def chunks(self, watch: _Watch | None) -> AsyncIterator[bytes]:
+        """Yield body pieces. With ``watch`` the caller's scope times reads; else one per read."""
+        conn, transport = self._conn, self._lease.transport
+        read = self._timeouts.read
+        try:
+            while not self._lease.done:
                 try:
-                    await transport._receive(conn, self._timeouts, request_sent=True)
-                except errors.TransportError:
-                    self._finished = True
-                    transport._release(conn.origin)
-                    raise
-            elif isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                await self._finish(reusable=True)
-            else:
-                await self._finish(reusable=False)
-                raise errors.RemoteProtocolError(
-                    f"connection closed before the body ended ({event!r})", request_sent=True
-                )
-
-    async def _finish(self, reusable: bool) -> None:
-        if not self._finished:
-            self._finished = True
-            await self._transport._done(self._conn, reusable)
+                    event = conn.h11.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise errors.RemoteProtocolError(
+                        f"response body cut short or malformed: {exc}", request_sent=True
+                    ) from None
+                if event is h11.NEED_DATA:
+                    if watch is not None:
+                        watch.start("read", read)
+                        await transport._receive(conn)
+                    else:
+                        try:
+                            with anyio.fail_after(read):
+                                await transport._receive(conn)
+                        except TimeoutError:
+                            raise errors.ReadTimeout(
+                                f"no body data for {read}s", request_sent=True
+                            ) from None
+                elif isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    await self._lease.finish(reusable=True)
+                else:
+                    raise errors.RemoteProtocolError(
+                        f"connection closed before the body ended ({type(event).__name__})",
+                        request_sent=True,
+                    )
+        finally:
+            await self._lease.finish(reusable=False)  # no-op when already finished
 
     async def aclose(self) -> None:
-        await self._finish(reusable=False)
+        await self._lease.finish(reusable=False)

@@ -1,0 +1,194 @@
+"""Transport throughput: corral's transports beside raw aiohttp, raw httpx and the openai SDK.
+
+    python benchmarks/transports.py            # N=20000, C=64, zero latency; then the latency run
+
+Each variant runs in its own process pinned to core 0; the emulator runs pinned to core 1.
+Prints a Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import CLIENT_CPU, cpu_seconds, emulator_process, machine, pin_to
+
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+KEY = "sk-bench-0123456789"
+VARIANTS = [
+    "corral-h11-asyncio",
+    "corral-h11-uvloop",
+    "corral-h11-trio",
+    "corral-httpx",
+    "corral-aiohttp",
+    "raw-aiohttp",
+    "raw-httpx",
+    "openai-sdk",
+]
+
+
+async def _drive(call: Any, n: int, concurrency: int) -> None:
+    import anyio
+
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for _ in counter:
+            await call()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(worker)
+
+
+async def _variant(name: str, base_url: str, n: int, concurrency: int) -> None:
+    from corral.core import api_request, decode_chat
+
+    request = api_request(base_url, "/chat/completions", BODY, api_key=KEY)
+    if name.startswith("corral-h11") or name in ("corral-httpx", "corral-aiohttp"):
+        if name == "corral-httpx":
+            from corral.transports.httpx_transport import HttpxTransport
+
+            transport: Any = HttpxTransport(max_connections=concurrency)
+        elif name == "corral-aiohttp":
+            from corral.transports.aiohttp_transport import AiohttpTransport
+
+            transport = AiohttpTransport(max_connections=concurrency)
+        else:
+            from corral.transports.http11 import H11Transport
+
+            transport = H11Transport(max_connections=concurrency)
+
+        async def call() -> None:
+            decode_chat(await transport(request))
+
+        await _drive(call, n, concurrency)
+        await transport.aclose()
+    elif name == "raw-aiohttp":
+        import aiohttp
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+            headers = {"Authorization": f"Bearer {KEY}"}
+
+            async def call() -> None:
+                async with s.post(base_url + "/chat/completions", json=BODY, headers=headers) as r:
+                    await r.json()
+
+            await _drive(call, n, concurrency)
+    elif name == "raw-httpx":
+        import httpx
+
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(
+            limits=limits, headers={"Authorization": f"Bearer {KEY}"}
+        ) as c:
+
+            async def call() -> None:
+                (await c.post(base_url + "/chat/completions", json=BODY)).json()
+
+            await _drive(call, n, concurrency)
+    elif name == "openai-sdk":
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=KEY, max_retries=0)
+
+        async def call() -> None:
+            await client.chat.completions.create(**BODY)  # type: ignore[call-overload]
+
+        await _drive(call, n, concurrency)
+        await client.close()
+
+
+def run_one(name: str, base_url: str, n: int, concurrency: int) -> dict[str, float]:
+    """In this (child) process: pin, pick the loop, run, measure."""
+    import anyio
+
+    pin_to(CLIENT_CPU)
+    backend, options = "asyncio", {}
+    if name.endswith("trio"):
+        backend = "trio"
+    elif name.endswith("uvloop"):
+        options = {"use_uvloop": True}
+    # warm up connections and code paths
+    anyio.run(
+        _variant, name, base_url, min(500, n), concurrency, backend=backend, backend_options=options
+    )
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    anyio.run(_variant, name, base_url, n, concurrency, backend=backend, backend_options=options)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    return {"req_per_s": n / wall, "cpu_us_per_req": cpu / n * 1e6, "wall_s": wall}
+
+
+def spawn(name: str, base_url: str, n: int, concurrency: int) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--url",
+            base_url,
+            "-n",
+            str(n),
+            "-c",
+            str(concurrency),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child")
+    parser.add_argument("--url")
+    parser.add_argument("-n", type=int, default=20_000)
+    parser.add_argument("-c", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child, args.url, args.n, args.c)))
+        return
+    print(f"Machine: {machine()}\n")
+    print(f"### Zero latency, N={args.n}, concurrency {args.c}\n")
+    print("| client | req/s | client CPU µs/req | vs raw aiohttp | vs openai SDK |")
+    print("|---|---:|---:|---:|---:|")
+    results = {}
+    with emulator_process() as url:
+        for name in args.variants.split(","):
+            results[name] = spawn(name, url, args.n, args.c)
+    base = results.get("raw-aiohttp", {}).get("req_per_s", float("nan"))
+    sdk = results.get("openai-sdk", {}).get("req_per_s", float("nan"))
+    for name, r in results.items():
+        print(
+            f"| {name} | {r['req_per_s']:.0f} | {r['cpu_us_per_req']:.0f} | "
+            f"{r['req_per_s'] / base:.2f}x | {r['req_per_s'] / sdk:.2f}x |"
+        )
+    n, latency, c = 5_000, 0.05, 256
+    print(
+        f"\n### 50 ms latency, N={n}, concurrency {c}: "
+        f"ideal wall time N*latency/C = {n * latency / c:.3f} s\n"
+    )
+    print("| client | wall s | ratio to ideal |")
+    print("|---|---:|---:|")
+    with emulator_process("--latency", str(latency)) as url:
+        for name in (
+            "corral-h11-asyncio",
+            "corral-h11-trio",
+            "corral-httpx",
+            "corral-aiohttp",
+            "raw-aiohttp",
+        ):
+            r = spawn(name, url, n, c)
+            print(f"| {name} | {r['wall_s']:.3f} | {r['wall_s'] / (n * latency / c):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
