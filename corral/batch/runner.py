@@ -33,7 +33,7 @@ from corral.core.tokens import (
     estimate_request_tokens,
     max_output_tokens,
 )
-from corral.core.wire import usage_from_body
+from corral.core.wire import response_usage
 from corral.middleware.metrics import DEFAULT_PRICES, Price
 
 __all__ = ["BatchOptions", "BatchReport", "BatchRunner", "Preflight", "estimate_cost", "preflight"]
@@ -250,7 +250,7 @@ class BatchRunner:
     def _result(self, custom_id: str, response: Any) -> tuple[bytes, str | None]:
         request_id = response.request_id
         try:
-            body = jsonlib.loads(response.body)
+            body = response.json()
         except jsonlib.JSONDecodeError:
             message = f"HTTP {response.status} body is not JSON"
             payload = {"status_code": response.status, "request_id": request_id, "body": None}
@@ -260,7 +260,7 @@ class BatchRunner:
         payload = {"status_code": response.status, "request_id": request_id, "body": body}
         error = classify(response.status, response.headers, response.body)
         if error is None:
-            usage = usage_from_body(response.body)
+            usage = response_usage(response)
             if usage is not None:
                 self.report.tokens_in += usage.prompt_tokens
                 self.report.tokens_out += usage.completion_tokens

@@ -129,7 +129,14 @@ class RateLimitHeaders:
 
     @property
     def present(self) -> bool:
-        return any(v is not None for v in attrs.astuple(self))
+        return (
+            self.remaining_requests is not None
+            or self.remaining_tokens is not None
+            or self.limit_requests is not None
+            or self.limit_tokens is not None
+            or self.reset_requests is not None
+            or self.reset_tokens is not None
+        )
 
 
 def _int_header(headers: Headers, name: str) -> int | None:

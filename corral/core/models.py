@@ -8,6 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
+from corral.core import jsonlib
 from corral.core.headers import Headers
 
 __all__ = [
@@ -85,6 +86,14 @@ class Request:
     def with_options(self, **changes: Any) -> Request:
         return attrs.evolve(self, options=attrs.evolve(self.options, **changes))
 
+    def with_deadline(self, deadline: float | None) -> Request:
+        """``with_options(deadline=...)`` without attrs.evolve's introspection (a hot path)."""
+        o = self.options
+        options = RequestOptions(
+            o.model, o.stream, o.estimated_tokens, deadline, o.cache, o.timeouts, o.labels
+        )
+        return Request(self.method, self.url, self.headers, self.body, options)
+
     def __repr__(self) -> str:
         # Headers redact credentials; the body is summarised so prompts do not fill logs.
         return (
@@ -113,6 +122,14 @@ class Response:
     timing: Timing | None = attrs.field(default=None, eq=False)
     #: Set by the cache middleware when this came from a store rather than the network.
     from_cache: bool = False
+    #: Parsed forms of ``body`` (JSON, usage), computed once however many layers ask.
+    _parsed: dict[str, Any] = attrs.field(factory=dict, eq=False, init=False, repr=False)
+
+    def json(self) -> Any:
+        """``body`` parsed as JSON (cached); raises a ``jsonlib.JSONDecodeError`` type."""
+        if "json" not in self._parsed:
+            self._parsed["json"] = jsonlib.loads(self.body)
+        return self._parsed["json"]
 
     @property
     def request_id(self) -> str | None:

@@ -33,7 +33,7 @@ __all__ = [
     "decode_json",
     "decode_models",
     "raise_for_status",
-    "usage_from_body",
+    "response_usage",
 ]
 
 
@@ -89,7 +89,7 @@ def decode_json(response: Response) -> Mapping[str, Any]:
     """The JSON object of a buffered success; errors and bad bodies raise typed errors."""
     raise_for_status(response)
     try:
-        data = jsonlib.loads(response.body)
+        data = response.json()
     except jsonlib.JSONDecodeError as exc:
         preview = response.body[:80]
         raise MalformedResponse(
@@ -123,12 +123,12 @@ class Usage:
         return cls(prompt, completion, num("total_tokens") or prompt + completion)
 
 
-def usage_from_body(body: bytes) -> Usage | None:
-    """The ``usage`` of a buffered JSON body, cheaply skipping bodies that have none."""
-    if b'"usage"' not in body:
+def response_usage(response: Response) -> Usage | None:
+    """The ``usage`` of a buffered JSON response (parsed once, shared by every layer)."""
+    if response.stream is not None or b'"usage"' not in response.body:
         return None
     try:
-        data = jsonlib.loads(body)
+        data = response.json()
     except jsonlib.JSONDecodeError:
         return None
     return Usage.parse(data.get("usage")) if isinstance(data, Mapping) else None

@@ -107,7 +107,7 @@ class CircuitBreaker:
         policy = self.policies.get(key)
         if policy is None:
             policy = self.policies[key] = self._new_policy()
-        retry_at = policy.before(self._clock())
+        retry_at = None if policy.state is State.CLOSED else policy.before(self._clock())
         if retry_at is not None:
             raise CircuitOpen(
                 f"circuit for {key} is open; next probe at t={retry_at:.3f}", retry_at=retry_at

@@ -37,7 +37,7 @@ class Deadline:
             return await call_next(request)
         if deadline <= now:
             raise DeadlineExceeded("the call's deadline had passed before it started")
-        request = request.with_options(deadline=deadline)
+        request = request.with_deadline(deadline)
         try:
             with anyio.fail_after(deadline - now):
                 return await call_next(request)

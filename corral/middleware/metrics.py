@@ -20,7 +20,7 @@ import attrs
 from corral.core.compose import Clock, Handler
 from corral.core.errors import CorralError
 from corral.core.models import Request, Response
-from corral.core.wire import Usage, usage_from_body
+from corral.core.wire import Usage, response_usage
 
 __all__ = ["DEFAULT_PRICES", "Aggregator", "Histogram", "Metrics", "Price"]
 
@@ -194,7 +194,7 @@ class Metrics:
             outcome="ok" if response.status < 400 else f"http_{response.status}",
             model=model,
             first_byte=timing.first_byte if timing is not None else None,
-            usage=usage_from_body(response.body) if response.stream is None else None,
+            usage=response_usage(response),
             from_cache=response.from_cache,
         )
         return response

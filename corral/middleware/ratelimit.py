@@ -27,7 +27,7 @@ from corral.core.compose import Clock, Handler
 from corral.core.errors import RequestTooLarge
 from corral.core.models import Request, Response
 from corral.core.tokens import EstimatingCounter, TokenCounter, estimate_request_tokens
-from corral.core.wire import usage_from_body
+from corral.core.wire import response_usage
 
 __all__ = ["Bucket", "Cost", "RateLimit", "RateLimitPolicy", "by_model"]
 
@@ -261,8 +261,8 @@ class RateLimit:
         limits = parse_rate_limit_headers(response.headers)
         if limits.present:
             policy.resync(now, limits.remaining_requests, limits.remaining_tokens)
-        if response.status == 200 and response.stream is None:
-            usage = usage_from_body(response.body)
+        if response.status == 200:
+            usage = response_usage(response)
             if usage is not None:
                 policy.settle(now, reserved, usage.total_tokens)
         queue.wake_head()

@@ -118,7 +118,7 @@ def _malformed(response: Response) -> MalformedResponse | None:
     if "json" not in (response.headers.get("content-type") or "json"):
         return None
     try:
-        jsonlib.loads(response.body)
+        response.json()
     except jsonlib.JSONDecodeError:
         return MalformedResponse("HTTP 200 body is not valid JSON", status=200)
     return None

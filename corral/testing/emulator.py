@@ -170,6 +170,8 @@ class Emulator:
     def handle(
         self, now: float, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> Plan:
+        if path == "/_corral/counts":  # the emulator's own counters, for tests and benchmarks
+            return Plan(200, (("content-type", "application/json"),), jsonlib.dumps(self.counts))
         self.counts["received"] += 1
         self._ids += 1
         rid = (("x-request-id", f"req_{self._ids:08d}"),)
