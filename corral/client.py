@@ -21,7 +21,7 @@ import anyio.from_thread
 import attrs
 
 from corral.core import errors
-from corral.core.compose import Clock, Handler, Middleware, build_stack
+from corral.core.compose import Clock, Handler, Middleware, build_stack, current_time
 from corral.core.models import Request, RequestOptions, Response, Timeouts
 from corral.core.wire import (
     ChatChunk,
@@ -78,7 +78,7 @@ def default_middleware(
     cache: Middleware | None = None,
     metrics: Metrics | None = None,
     seed: int | None = None,
-    clock: Clock = anyio.current_time,
+    clock: Clock = current_time,
 ) -> list[Middleware]:
     """The documented default stack; every policy is a keyword away."""
     import random

@@ -127,11 +127,15 @@ def response_usage(response: Response) -> Usage | None:
     """The ``usage`` of a buffered JSON response (parsed once, shared by every layer)."""
     if response.stream is not None or b'"usage"' not in response.body:
         return None
-    try:
-        data = response.json()
-    except jsonlib.JSONDecodeError:
-        return None
-    return Usage.parse(data.get("usage")) if isinstance(data, Mapping) else None
+    cache = response._parsed
+    if "usage" not in cache:
+        try:
+            data = response.json()
+        except jsonlib.JSONDecodeError:
+            data = None
+        cache["usage"] = Usage.parse(data.get("usage")) if isinstance(data, Mapping) else None
+    usage: Usage | None = cache["usage"]
+    return usage
 
 
 @attrs.frozen

@@ -14,10 +14,9 @@ from collections import deque
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-import anyio
 import attrs
 
-from corral.core.compose import Clock, Handler
+from corral.core.compose import Clock, Handler, current_time
 from corral.core.errors import CircuitOpen, TransportError
 from corral.core.models import Request, Response
 
@@ -97,7 +96,7 @@ class CircuitBreaker:
         *,
         key: Callable[[Request], str] = by_host,
         policy: Callable[[], BreakerPolicy] = BreakerPolicy,
-        clock: Clock = anyio.current_time,
+        clock: Clock = current_time,
     ) -> None:
         self._key, self._new_policy, self._clock = key, policy, clock
         self.policies: dict[str, BreakerPolicy] = {}

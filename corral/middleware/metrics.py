@@ -14,10 +14,9 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import anyio
 import attrs
 
-from corral.core.compose import Clock, Handler
+from corral.core.compose import Clock, Handler, current_time
 from corral.core.errors import CorralError
 from corral.core.models import Request, Response
 from corral.core.wire import Usage, response_usage
@@ -174,7 +173,7 @@ class Metrics:
     """Middleware: time every call through the layers inside it and aggregate the outcome."""
 
     def __init__(
-        self, aggregator: Aggregator | None = None, *, clock: Clock = anyio.current_time
+        self, aggregator: Aggregator | None = None, *, clock: Clock = current_time
     ) -> None:
         self.aggregator = aggregator or Aggregator()
         self._clock = clock

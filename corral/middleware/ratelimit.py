@@ -23,7 +23,7 @@ import attrs
 
 from corral.core import jsonlib
 from corral.core.classify import parse_rate_limit_headers, parse_retry_after
-from corral.core.compose import Clock, Handler
+from corral.core.compose import Clock, Handler, current_time
 from corral.core.errors import RequestTooLarge
 from corral.core.models import Request, Response
 from corral.core.tokens import EstimatingCounter, TokenCounter, estimate_request_tokens
@@ -208,7 +208,7 @@ class RateLimit:
         burst_tokens: float | None = None,
         key: Callable[[Request], str] = by_model,
         counter: TokenCounter | None = None,
-        clock: Clock = anyio.current_time,
+        clock: Clock = current_time,
     ) -> None:
         self._new_policy = functools.partial(
             RateLimitPolicy,

@@ -21,7 +21,7 @@ import attrs
 
 from corral.core import jsonlib
 from corral.core.classify import classify, parse_retry_after, parse_should_retry
-from corral.core.compose import Clock, Handler
+from corral.core.compose import Clock, Handler, current_time
 from corral.core.errors import CorralError, MalformedResponse, TransportError
 from corral.core.headers import Headers
 from corral.core.models import Request, Response
@@ -136,7 +136,7 @@ class Retry:
         policy: RetryPolicy | None = None,
         *,
         budget: RetryBudget | None = None,
-        clock: Clock = anyio.current_time,
+        clock: Clock = current_time,
     ) -> None:
         self.policy = policy or RetryPolicy()
         self.budget = budget if budget is not None else RetryBudget()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import anyio
 
-from corral.core.compose import Clock
+from corral.core.compose import Clock, current_time
 from corral.core.errors import ReadError, ReadTimeout
 from corral.core.headers import Headers
 from corral.core.models import Request, Response
@@ -20,7 +20,7 @@ __all__ = ["SimulatedProvider"]
 
 class SimulatedProvider:
     def __init__(
-        self, config: EmulatorConfig | None = None, *, clock: Clock = anyio.current_time
+        self, config: EmulatorConfig | None = None, *, clock: Clock = current_time
     ) -> None:
         self.emulator = Emulator(config)
         self._clock = clock

@@ -7,9 +7,9 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
-import anyio
 
 from corral.core import errors
+from corral.core.compose import current_time
 from corral.core.headers import Headers
 from corral.core.models import Request, Response, Timeouts, Timing
 
@@ -51,7 +51,7 @@ class AiohttpTransport:
         max_connections: int = 100,
         max_per_host: int = 0,
         ssl_context: ssl.SSLContext | None = None,
-        clock: Callable[[], float] = anyio.current_time,
+        clock: Callable[[], float] = current_time,
     ) -> None:
         self._timeouts = timeouts or Timeouts()
         self._session = session

@@ -24,6 +24,7 @@ import anyio.abc
 import h11
 
 from corral.core import errors
+from corral.core.compose import current_time
 from corral.core.headers import Headers
 from corral.core.models import Request, Response, Timeouts, Timing
 from corral.transports.base import Origin, split_url
@@ -56,7 +57,7 @@ class _Watch:
 
     def start(self, phase: str, seconds: float | None) -> None:
         self.phase, self.limit = phase, seconds
-        self.scope.deadline = math.inf if seconds is None else anyio.current_time() + seconds
+        self.scope.deadline = math.inf if seconds is None else current_time() + seconds
 
     def error(self) -> errors.TimeoutError_:
         kind = _TIMEOUTS[self.phase]
@@ -126,7 +127,7 @@ class H11Transport:
         max_per_host: int | None = None,
         keepalive_expiry: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
-        clock: Callable[[], float] = anyio.current_time,
+        clock: Callable[[], float] = current_time,
     ) -> None:
         if max_connections < 1 or (max_per_host is not None and max_per_host < 1):
             raise ValueError("max_connections and max_per_host must be >= 1")

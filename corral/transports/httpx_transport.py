@@ -5,10 +5,10 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Callable
 
-import anyio
 import httpx
 
 from corral.core import errors
+from corral.core.compose import current_time
 from corral.core.headers import Headers
 from corral.core.models import Request, Response, Timeouts, Timing
 
@@ -51,7 +51,7 @@ class HttpxTransport:
         timeouts: Timeouts | None = None,
         max_connections: int = 100,
         ssl_context: ssl.SSLContext | None = None,
-        clock: Callable[[], float] = anyio.current_time,
+        clock: Callable[[], float] = current_time,
     ) -> None:
         self._timeouts = timeouts or Timeouts()
         self._owns_client = client is None

@@ -1,0 +1,67 @@
+"""The concurrency gate on asyncio and trio: FIFO hand-over, resizing, cancellation."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from corral.middleware.concurrency import Gate
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_fifo_hand_over_and_resize() -> None:
+    gate = Gate(1)
+    await gate.acquire()
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        await gate.acquire()
+        order.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(waiter, i)
+            await anyio.sleep(0.01)
+        gate.resize(3)  # two more slots: waiters 0 and 1 go, in order
+        await anyio.sleep(0.01)
+        assert order == [0, 1]
+        gate.release()
+    assert order == [0, 1, 2] and gate.used == 3
+
+
+async def test_cancelled_waiter_takes_nothing() -> None:
+    gate = Gate(1)
+    await gate.acquire()
+    with anyio.move_on_after(0.05):
+        await gate.acquire()
+    assert gate.used == 1
+    gate.release()
+    assert gate.used == 0
+    await gate.acquire()
+    assert gate.used == 1
+
+
+async def test_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
+    gate = Gate(1)
+    await gate.acquire()
+    got: list[str] = []
+
+    async def first(scope: anyio.CancelScope) -> None:
+        with scope:
+            await gate.acquire()
+            got.append("first")
+
+    async def second() -> None:
+        await gate.acquire()
+        got.append("second")
+
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first, scope)
+        await anyio.sleep(0.01)
+        tg.start_soon(second)
+        await anyio.sleep(0.01)
+        gate.release()  # hands the slot to `first` ...
+        scope.cancel()  # ... which is cancelled before it runs
+    assert got in (["second"], ["first"]) and gate.used == 1
