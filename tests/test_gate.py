@@ -51,10 +51,12 @@ async def test_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
         with scope:
             await gate.acquire()
             got.append("first")
+            gate.release()
 
     async def second() -> None:
         await gate.acquire()
         got.append("second")
+        gate.release()
 
     scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
@@ -64,4 +66,5 @@ async def test_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
         await anyio.sleep(0.01)
         gate.release()  # hands the slot to `first` ...
         scope.cancel()  # ... which is cancelled before it runs
-    assert got in (["second"], ["first"]) and gate.used == 1
+    # Either the cancel landed (the slot went on to `second`) or `first` ran: no slot is lost.
+    assert got in (["second"], ["first", "second"]) and gate.used == 0
