@@ -23,7 +23,10 @@ async def test_fifo_hand_over_and_resize() -> None:
         for i in range(3):
             tg.start_soon(waiter, i)
             await anyio.sleep(0.01)
-        gate.resize(3)  # two more slots: waiters 0 and 1 go, in order
+        gate.resize(2)  # one more slot: the first waiter gets it
+        await anyio.sleep(0.01)
+        assert order == [0]
+        gate.resize(3)
         await anyio.sleep(0.01)
         assert order == [0, 1]
         gate.release()
