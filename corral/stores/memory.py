@@ -1,0 +1,63 @@
+"""``MemoryStore``: an LRU bounded by entry count and by total bytes, with TTLs."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    def __init__(
+        self,
+        *,
+        max_entries: int = 10_000,
+        max_bytes: int = 256 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_entries < 1 or max_bytes < 1:
+            raise ValueError("max_entries and max_bytes must be >= 1")
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._clock = clock
+        self._items: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self.size = 0
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if expires <= self._clock():
+            self._drop(key)
+            return None
+        self._items.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        if len(value) > self.max_bytes:
+            return  # would evict everything and still not fit
+        if key in self._items:
+            self._drop(key)
+        expires = math.inf if ttl is None else self._clock() + ttl
+        self._items[key] = (value, expires)
+        self.size += len(value)
+        while len(self._items) > self.max_entries or self.size > self.max_bytes:
+            self._drop(next(iter(self._items)))
+
+    async def delete(self, key: str) -> None:
+        if key in self._items:
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        value, _ = self._items.pop(key)
+        self.size -= len(value)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def aclose(self) -> None:
+        self._items.clear()
+        self.size = 0

@@ -1,0 +1,231 @@
+"""The cache: one suite over every store, then the middleware's rules and single-flight."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+import redis
+
+from corral.client import Client
+from corral.core import Headers, Request, Response, api_request, build_stack, errors
+from corral.core.models import CachePolicy
+from corral.middleware.cache import Cache, CacheRules
+from corral.middleware.metrics import Metrics
+from corral.stores import MemoryStore, SQLiteStore, Store
+from corral.stores.redis import RedisStore
+from corral.testing.server import RunningEmulator
+from corral.transports import MemoryTransport
+from tests.conftest import CANARY_KEY
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    made: Store
+    if request.param == "memory":
+        made = MemoryStore()
+    elif request.param == "sqlite":
+        made = SQLiteStore(tmp_path / "cache.db")
+    else:
+        url = request.getfixturevalue("redis_url")
+        made = RedisStore(url, prefix=f"test:{tmp_path.name}:")
+    yield made
+    await made.aclose()
+
+
+async def test_store_get_set_delete_ttl(store: Store) -> None:
+    assert await store.get("k") is None
+    await store.set("k", b"v1", None)
+    assert await store.get("k") == b"v1"
+    await store.set("k", b"v2", 60)
+    assert await store.get("k") == b"v2"
+    await store.delete("k")
+    assert await store.get("k") is None
+    await store.set("short", b"x", 0.05)
+    await anyio.sleep(0.2)
+    assert await store.get("short") is None
+
+
+async def test_memory_store_lru_by_entries_and_bytes() -> None:
+    store = MemoryStore(max_entries=3, max_bytes=10)
+    for key in "abc":
+        await store.set(key, b"12", None)
+    await store.get("a")  # a is now most recent
+    await store.set("d", b"12", None)
+    assert await store.get("b") is None and await store.get("a") == b"12"
+    await store.set("big", b"123456789", None)  # 9 bytes: evicts until <= 10
+    assert store.size <= 10 and await store.get("big") == b"123456789"
+
+
+def test_sqlite_file_is_private_and_shared_by_processes(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    SQLiteStore(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    script = (
+        "import sys, anyio\n"
+        "from corral.stores import SQLiteStore\n"
+        "async def main():\n"
+        "    s = SQLiteStore(sys.argv[1])\n"
+        "    for i in range(200):\n"
+        "        await s.set(f'{sys.argv[2]}-{i}', b'v' * 100, None)\n"
+        "        assert await s.get(f'{sys.argv[2]}-{i}') == b'v' * 100\n"
+        "anyio.run(main)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), f"p{n}"]) for n in range(4)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0, 0]
+    rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM corral_cache").fetchone()
+    assert rows == (800,)
+
+
+def ok_json(request: Request) -> Response:
+    return Response(
+        200,
+        Headers({"content-type": "application/json"}),
+        json.dumps({"echo": request.body.decode(), "usage": {"total_tokens": 1}}).encode(),
+    )
+
+
+def req(key: str = CANARY_KEY, content: str = "hi", **options: object) -> Request:
+    body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+    return api_request("http://h/v1", "/chat/completions", body, api_key=key).with_options(
+        **options
+    )
+
+
+async def test_hit_miss_key_canonical_and_isolated_by_credential(store: Store) -> None:
+    transport = MemoryTransport(ok_json)
+    stack = build_stack([Cache(store)], transport)
+    first = await stack(req())
+    again = await stack(req())
+    assert not first.from_cache and again.from_cache and again.body == first.body
+    assert transport.calls == 1
+    reordered = api_request(
+        "http://h/v1",
+        "/chat/completions",
+        {"messages": [{"content": "hi", "role": "user"}], "model": "m"},
+        api_key=CANARY_KEY,
+    )
+    assert (await stack(reordered)).from_cache  # same JSON, different key order
+    assert not (await stack(req(key="sk-another-real-key-123"))).from_cache
+    assert transport.calls == 2
+    assert not (await stack(req(cache=CachePolicy.BYPASS))).from_cache
+    assert not (await stack(req(cache=CachePolicy.REFRESH))).from_cache
+    assert transport.calls == 4
+
+
+async def test_errors_and_bad_bodies_are_never_stored() -> None:
+    replies = iter(
+        [
+            Response(500, Headers(), b"{}"),
+            Response(200, Headers(), b"{bad json"),
+            Response(200, Headers(), b'{"ok": 1}'),
+            Response(200, Headers(), b'{"ok": 2}'),
+        ]
+    )
+    transport = MemoryTransport(lambda _: next(replies))
+    stack = build_stack([Cache(MemoryStore())], transport)
+    assert (await stack(req())).status == 500
+    assert (await stack(req())).body == b"{bad json"
+    assert (await stack(req())).body == b'{"ok": 1}'
+    assert (await stack(req())).body == b'{"ok": 1}' and transport.calls == 3
+
+
+async def test_single_flight_one_upstream_call_and_shared_failure() -> None:
+    calls = 0
+
+    async def slow(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        await anyio.sleep(0.1)
+        if calls == 2:
+            raise errors.ServerError("boom", status=500)
+        return ok_json(request)
+
+    cache = Cache(MemoryStore())
+    stack = build_stack([cache], MemoryTransport(slow))
+    results: list[Response] = []
+
+    async def one() -> None:
+        results.append(await stack(req(content="same")))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(one)
+    assert calls == 1 and len(results) == 10 and cache.coalesced == 9
+    failures: list[BaseException] = []
+
+    async def failing() -> None:
+        try:
+            await stack(req(content="other"))
+        except errors.ServerError as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(failing)
+    assert calls == 2 and len(failures) == 5
+    assert await cache.store.get(cache.rules.key(req(content="other")) or "") is None
+
+
+async def test_cached_stream_replays_as_a_stream(emulator: RunningEmulator, tmp_path: Path) -> None:
+    from corral.client import default_middleware
+
+    store = SQLiteStore(tmp_path / "c.db")
+    stack = default_middleware(cache=Cache(store))
+    async with Client(emulator.base_url, CANARY_KEY, model="m", middleware=stack) as client:
+        messages = [{"role": "user", "content": "stream me"}]
+        first = "".join([c.text async for c in client.stream_chat(messages)])
+        second = "".join([c.text async for c in client.stream_chat(messages)])
+        plain = (await client.chat(messages)).text
+        plain_again = (await client.chat(messages)).text
+    assert first == second == plain == plain_again
+    assert emulator.counts["received"] == 2  # one stream, one plain call
+    metrics = next(m for m in stack if isinstance(m, Metrics)).aggregator
+    assert metrics.cache_hits == 2
+
+
+async def test_no_secret_reaches_any_store(tmp_path: Path, redis_url: str) -> None:
+    sqlite_path = tmp_path / "c.db"
+    stores: list[Store] = [SQLiteStore(sqlite_path), RedisStore(redis_url, prefix="secret-test:")]
+    for store in stores:
+        stack = build_stack([Cache(store)], MemoryTransport(ok_json))
+        await stack(req())
+        await store.aclose()
+    raw = sqlite_path.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("c.db-*"))
+    client = redis.Redis.from_url(redis_url)
+    for key in client.keys("secret-test:*"):
+        raw += key + (client.get(key) or b"")
+    assert raw  # something was stored
+    for i in range(len(CANARY_KEY) - 7):
+        assert CANARY_KEY[i : i + 8].encode() not in raw
+
+
+async def test_a_broken_store_is_a_miss_not_a_failure() -> None:
+    class Broken:
+        async def get(self, key: str) -> bytes | None:
+            raise ConnectionError("down")
+
+        async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+            raise ConnectionError("down")
+
+        async def delete(self, key: str) -> None: ...
+
+        async def aclose(self) -> None: ...
+
+    stack = build_stack([Cache(Broken())], MemoryTransport(ok_json))
+    assert (await stack(req())).status == 200
+
+
+def test_rules_key_ignores_nothing_that_matters() -> None:
+    rules = CacheRules()
+    assert rules.key(req(content="a")) != rules.key(req(content="b"))
+    assert rules.key(req()) != CacheRules(shared_namespace=True).key(req())
+    assert CANARY_KEY not in (rules.key(req()) or "")
