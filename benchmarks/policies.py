@@ -266,7 +266,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"Machine: {machine()}\n")
     if args.which == "limits":
-        limits(args.n or 4_000, 6_000, 400_000)
+        limits(args.n or 3_600, 1_200, 100_000)
     elif args.which == "virtual":
         virtual(args.n or 1_000_000)
     else:
