@@ -20,7 +20,12 @@ from typing import Any
 import attrs
 
 from corral.core import jsonlib
-from corral.core.tokens import EstimatingCounter, count_messages, max_output_tokens
+from corral.core.tokens import (
+    CONTEXT_WINDOWS,
+    EstimatingCounter,
+    count_messages,
+    max_output_tokens,
+)
 from corral.testing.quota import Admission, SlidingWindowQuota
 
 __all__ = [
@@ -33,13 +38,8 @@ __all__ = [
     "format_duration",
 ]
 
-DEFAULT_CONTEXT_WINDOWS: Mapping[str, int] = {
-    "gpt-4o-mini": 128_000,
-    "gpt-4o": 128_000,
-    "gpt-4.1-mini": 1_047_576,
-    "gpt-3.5-turbo": 16_385,
-    "small-model": 4_096,
-}
+#: The real table plus a deliberately small model for context-length tests.
+DEFAULT_CONTEXT_WINDOWS: Mapping[str, int] = {**CONTEXT_WINDOWS, "small-model": 4_096}
 
 
 class Fault(enum.Enum):
