@@ -22,8 +22,10 @@ from corral.batch.runner import BatchOptions, BatchRunner, estimate_cost, prefli
 from corral.client import Client, default_middleware
 from corral.core.errors import InvalidInput
 from corral.core.models import Timeouts
+from corral.middleware.cache import Cache, CacheRules
 from corral.middleware.ratelimit import RateLimit
 from corral.middleware.retry import Retry
+from corral.middleware.truncate import Truncate
 from corral.transports.base import Transport
 
 __all__ = ["main"]
@@ -51,6 +53,14 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
         help="retries allowed as a fraction of requests (shared budget)",
     )
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per request, all tries")
+    g.add_argument("--cache", type=Path, metavar="PATH", help="cache responses in this SQLite file")
+    g.add_argument("--redis", metavar="URL", help="cache responses in Redis (redis://host:6379/0)")
+    g.add_argument("--cache-ttl", type=float, default=7 * 24 * 3600.0, help="seconds")
+    g.add_argument(
+        "--truncate",
+        action="store_true",
+        help="drop old turns / trim to fit each model's context window",
+    )
     g.add_argument("--transport", choices=["h11", "httpx", "aiohttp"], default="h11")
     g.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
 
@@ -141,6 +151,8 @@ async def _run_batch(args: argparse.Namespace, base_url: str | None, api_key: st
         max_attempts=args.retries + 1,
         timeout=args.timeout,
         retry_budget=args.retry_budget,
+        cache=_cache(args),
+        truncate=Truncate() if getattr(args, "truncate", False) else None,
     )
     client = Client(
         base_url,
@@ -210,6 +222,19 @@ async def _run_batch(args: argparse.Namespace, base_url: str | None, api_key: st
         )
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _cache(args: argparse.Namespace) -> Cache | None:
+    rules = CacheRules(ttl=getattr(args, "cache_ttl", None))
+    if getattr(args, "redis", None):
+        from corral.stores.redis import RedisStore
+
+        return Cache(RedisStore(args.redis), rules)
+    if getattr(args, "cache", None):
+        from corral.stores import SQLiteStore
+
+        return Cache(SQLiteStore(args.cache), rules)
+    return None
 
 
 def _dry_run(args: argparse.Namespace) -> int:

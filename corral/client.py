@@ -2,7 +2,7 @@
 
 Default stack, outermost first (docs/stack.md says what each order means)::
 
-    Metrics -> [Cache] -> Deadline -> Retry -> CircuitBreaker -> [RateLimit]
+    Metrics -> [Cache] -> [Truncate] -> Deadline -> Retry -> CircuitBreaker -> [RateLimit]
             -> ConcurrencyLimit -> transport
 
 A cache hit costs no quota; each retry pays the rate limit again and holds a concurrency slot
@@ -76,6 +76,7 @@ def default_middleware(
     timeout: float | None = 600.0,
     retry_budget: float = 0.2,
     cache: Middleware | None = None,
+    truncate: Middleware | None = None,
     metrics: Metrics | None = None,
     seed: int | None = None,
     clock: Clock = current_time,
@@ -86,6 +87,8 @@ def default_middleware(
     layers: list[Middleware] = [metrics or Metrics(clock=clock)]
     if cache is not None:
         layers.append(cache)
+    if truncate is not None:
+        layers.append(truncate)
     layers.append(Deadline(timeout, clock=clock))
     layers.append(
         Retry(

@@ -186,3 +186,28 @@ def test_cli_run_summary_and_exit_codes(
     monkeypatch.delenv("CORRAL_API_KEY", raising=False)
     assert main(["run", str(source), "-o", str(out)]) == 2
     assert "OPENAI_API_KEY" in capsys.readouterr().err
+
+
+def test_cli_cache_serves_a_second_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "in.jsonl"
+    write_input(source, 15)
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY_KEY)
+    with serve_in_thread() as emu:
+        base = [
+            "run",
+            str(source),
+            "--base-url",
+            emu.base_url,
+            "--json",
+            "--no-progress",
+            "--cache",
+            str(tmp_path / "cache.db"),
+        ]
+        assert main([*base, "-o", str(tmp_path / "a.jsonl")]) == 0
+        capsys.readouterr()
+        assert main([*base, "-o", str(tmp_path / "b.jsonl")]) == 0
+        assert json.loads(capsys.readouterr().out)["cache_hit_rate"] == 1.0
+        assert emu.counts["received"] == 15
+    assert CANARY_KEY.encode() not in (tmp_path / "cache.db").read_bytes()
