@@ -1,0 +1,1 @@
+"""Bridges from other libraries into a corral stack (the openai SDK through httpx/httpx2)."""
