@@ -173,9 +173,9 @@ class BatchRunner:
         )
         done = scan.done
         writer = OutputWriter(options.output)
-        send, receive = anyio.create_memory_object_stream[tuple[bytes, str | None]](
-            options.concurrency
-        )
+        # No buffer: a result is either written or still held by its (in-flight) task, so a
+        # crash loses at most the in-flight calls.
+        send, receive = anyio.create_memory_object_stream[tuple[bytes, str | None]](0)
         slots = anyio.Semaphore(options.concurrency)
         try:
             with anyio.CancelScope() as self._run_scope:

@@ -1,0 +1,139 @@
+"""Reliability: a fault soak through the batch runner, SIGKILL-and-resume, secrets in logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+
+from corral.batch.runner import BatchOptions, BatchRunner
+from corral.client import Client, default_middleware
+from corral.core.models import Timeouts
+from corral.testing.emulator import EmulatorConfig, Fault, Latency
+from corral.testing.server import serve_in_thread
+from corral.transports import H11Transport
+from tests.conftest import CANARY_KEY
+from tests.test_batch import read_output, write_input
+
+pytestmark = pytest.mark.anyio
+
+KNOWN_KINDS = {
+    "rate_limited",
+    "server_error",
+    "read_error",
+    "read_timeout",
+    "malformed_response",
+    "remote_protocol_error",
+    "write_error",
+    "connect_error",
+    "invalid_input",
+}
+SOAK_FAULTS = {
+    Fault.RATE_LIMIT: 0.0125,
+    Fault.SERVER_ERROR: 0.0125,
+    Fault.UNAVAILABLE: 0.0125,
+    Fault.RESET: 0.0125,
+    Fault.RESET_AFTER_FIRST_BYTE: 0.0125,
+    Fault.HANG: 0.0125,
+    Fault.TRUNCATE: 0.0125,
+    Fault.MALFORMED: 0.0125,
+}  # 10% in all
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_fault_soak_every_id_once_errors_typed_load_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    n, budget = 5_000, 0.2
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, n)
+    config = EmulatorConfig(faults=SOAK_FAULTS, fault_retry_after=0.05, hang_seconds=30, seed=42)
+    with serve_in_thread(config) as emu:
+        transport = H11Transport(
+            timeouts=Timeouts(connect=2, read=1.0, write=2, pool=10), max_connections=128
+        )
+        stack = default_middleware(concurrency=128, max_attempts=4, retry_budget=budget, seed=1)
+        async with Client(
+            emu.base_url, CANARY_KEY, transport=transport, middleware=stack
+        ) as client:
+            runner = BatchRunner(client, BatchOptions(source, out, concurrency=128))
+            with anyio.fail_after(240):  # a hang detector, not a speed check
+                await runner.run()
+        received = emu.counts["received"]
+    records = read_output(out)
+    ids = Counter(r["custom_id"] for r in records)
+    assert len(ids) == n and set(ids.values()) == {1}
+    kinds = Counter(r["error"]["code"] for r in records if r["error"])  # type: ignore[index]
+    assert set(kinds) <= KNOWN_KINDS, kinds
+    assert runner.report.succeeded + sum(kinds.values()) == n
+    assert runner.report.succeeded > 0.95 * n
+    assert received <= n * (1 + budget) + 10  # + the budget's initial reserve
+    assert transport.open_connections <= 128
+    text = caplog.text + out.read_text()
+    assert all(CANARY_KEY[i : i + 8] not in text for i in range(len(CANARY_KEY) - 7))
+
+
+CHILD = """
+import sys
+from corral.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_at_twenty_moments_then_resume_exactly_once(tmp_path: Path) -> None:
+    n, concurrency, kills = 1_000, 16, 20
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, n)
+    rng = random.Random(2026)
+    env = {**os.environ, "OPENAI_API_KEY": CANARY_KEY}
+    progress: list[int] = []
+    with serve_in_thread(EmulatorConfig(latency=Latency.fixed(0.1))) as emu:
+        cmd = [
+            sys.executable,
+            "-c",
+            CHILD,
+            "run",
+            str(source),
+            "-o",
+            str(out),
+            "--base-url",
+            emu.base_url,
+            "--no-progress",
+            "--json",
+            "--concurrency",
+            str(concurrency),
+        ]
+        for _ in range(kills):
+            child = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            time.sleep(rng.uniform(0.3, 0.9))  # past interpreter start-up, into the run
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            lines = out.read_bytes().splitlines(keepends=True) if out.exists() else []
+            for line in lines:  # every complete line parses, whatever the moment of the kill
+                if line.endswith(b"\n"):
+                    json.loads(line)
+            progress.append(len(lines))
+        final = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
+        assert final.returncode == 0, final.stderr.decode()[-2000:]
+        received = emu.counts["received"]
+    ids = Counter(r["custom_id"] for r in read_output(out))
+    assert len(ids) == n and set(ids.values()) == {1}
+    assert received - n <= kills * concurrency  # re-sends only for what was in flight
+    assert sum(0 < p < n for p in progress) >= 5, progress  # the kills did land mid-run
