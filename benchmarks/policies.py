@@ -168,9 +168,7 @@ def virtual(n: int) -> None:
         f"### (b) {n:,} calls in virtual time: {rpm} RPM, {tpm} TPM, "
         f"{latency}s latency, C={concurrency}\n"
     )
-    print(
-        "| makespan (virtual s) | ideal | ratio | 429s | ok | real s |"
-    )
+    print("| makespan (virtual s) | ideal | ratio | 429s | ok | real s |")
     print("|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {result['makespan']:.1f} | {ideal:.1f} | {result['makespan'] / ideal:.4f} | "
