@@ -29,13 +29,32 @@ from corral.core.models import Request, Response
 from corral.core.tokens import EstimatingCounter, TokenCounter, estimate_request_tokens
 from corral.core.wire import response_usage
 
-__all__ = ["Bucket", "Cost", "RateLimit", "RateLimitPolicy", "by_model"]
+__all__ = ["Bucket", "Cost", "RateLimit", "RateLimitPolicy", "bucket_shape", "by_model"]
 
 
 @attrs.frozen
 class Cost:
     requests: int = 1
     tokens: int = 0
+
+
+#: Default bursts: 1% of the limit, but room for at least one typical call's tokens.
+MIN_DEFAULT_BURST = {"requests": 1.0, "tokens": 4096.0}
+
+
+def bucket_shape(name: str, limit: int, window: float, burst: float | None) -> tuple[float, float]:
+    """(refill rate per second, capacity) so that any ``window`` admits at most ``limit``.
+
+    The burst is paid for by a slower refill: capacity B refilled at (limit - B) / window.
+    A burst equal to the limit refills at limit / window and bounds a window by limit + burst.
+    """
+    if limit <= 0:
+        raise ValueError(f"{name} limit must be positive, got {limit}")
+    floor = MIN_DEFAULT_BURST["tokens" if name.startswith("tp") else "requests"]
+    cap = float(min(limit, burst if burst is not None else max(floor, limit / 100)))
+    if cap <= 0:
+        raise ValueError(f"{name} burst must be positive, got {burst}")
+    return ((limit - cap) / window if cap < limit else limit / window), cap
 
 
 @attrs.define
@@ -52,12 +71,8 @@ class Bucket:
     def per_window(
         cls, name: str, limit: int, window: float, burst: float | None, now: float
     ) -> Bucket:
-        if limit <= 0:
-            raise ValueError(f"{name} limit must be positive, got {limit}")
-        cap = float(min(limit, burst if burst is not None else max(1.0, limit / 100)))
-        if cap <= 0:
-            raise ValueError(f"{name} burst must be positive, got {burst}")
-        return cls(name, (limit - cap) / window if cap < limit else limit / window, cap, cap, now)
+        rate, cap = bucket_shape(name, limit, window, burst)
+        return cls(name, rate, cap, cap, now)
 
     def refill(self, now: float) -> None:
         if now > self.updated:

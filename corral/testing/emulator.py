@@ -118,6 +118,8 @@ class EmulatorConfig:
     tokens_per_second: float | None = None
     rpm: int | None = None
     tpm: int | None = None
+    #: The limits' sliding window in seconds (providers use 60; tests shorten it).
+    window: float = 60.0
     #: Fault kind -> probability per admitted request.
     faults: Mapping[Fault, float] = attrs.field(factory=dict)
     seed: int = 0
@@ -156,7 +158,7 @@ class Emulator:
 
     def __init__(self, config: EmulatorConfig | None = None) -> None:
         self.config = config or EmulatorConfig()
-        self.quota = SlidingWindowQuota(self.config.rpm, self.config.tpm)
+        self.quota = SlidingWindowQuota(self.config.rpm, self.config.tpm, self.config.window)
         self.counts: Counter[str] = Counter()
         self._rng = random.Random(self.config.seed)
         self._counter = EstimatingCounter()

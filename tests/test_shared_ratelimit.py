@@ -1,0 +1,171 @@
+"""One quota shared by several processes through Redis; what happens when Redis goes away."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from corral.core import Headers, Request, Response, api_request, build_stack
+from corral.middleware.shared_ratelimit import RateLimitUnavailable, SharedRateLimit
+from corral.testing.emulator import EmulatorConfig
+from corral.testing.server import serve_in_thread
+from corral.transports import MemoryTransport
+from tests.conftest import CANARY_KEY
+
+pytestmark = pytest.mark.anyio
+
+CHILD = """
+import sys, time, anyio
+from corral.core import api_request, build_stack
+from corral.core.compose import current_time
+from corral.middleware.shared_ratelimit import SharedRateLimit
+from corral.transports import H11Transport
+
+redis_url, name, base_url, start_at, end_at, skew = sys.argv[1:7]
+start_at, end_at, skew = float(start_at), float(end_at), float(skew)
+
+async def main():
+    limiter = SharedRateLimit(redis_url, name=name, rpm=60, window=3.0, burst_requests=3,
+                              clock=lambda: current_time() + skew)  # a skewed local clock
+    transport = H11Transport()
+    stack = build_stack([limiter], transport)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    await anyio.sleep(max(0.0, start_at - time.time()))
+    async def worker():
+        while time.time() < end_at:
+            request = api_request(base_url, "/chat/completions", body, api_key="sk-shared-test-key")
+            with anyio.move_on_after(max(0.01, end_at - time.time())):
+                await stack(request)
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(worker)
+    await transport.aclose()
+
+anyio.run(main)
+"""
+
+
+def test_four_processes_share_one_quota_with_skewed_clocks(redis_url: str) -> None:
+    limit, window, duration = 60, 3.0, 9.0
+    name = uuid.uuid4().hex
+    with serve_in_thread(EmulatorConfig(rpm=limit, window=window)) as emu:
+        start_at = time.time() + 3.0  # after every child has started its interpreter
+        end_at = start_at + duration
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    redis_url,
+                    name,
+                    emu.base_url,
+                    str(start_at),
+                    str(end_at),
+                    str(skew),
+                ]
+            )
+            for skew in (0.0, 0.0, 3600.0, -86_400.0)
+        ]
+        assert [p.wait(timeout=60) for p in procs] == [0, 0, 0, 0]
+        counts = emu.counts
+    assert counts.get("rate_limited", 0) == 0  # within the limit in every sliding window
+    capacity = limit * duration / window
+    assert counts["ok"] >= 0.9 * capacity, counts
+
+
+def ok(_: Request) -> Response:
+    return Response(200, Headers(), b'{"usage": {"total_tokens": 3}}')
+
+
+def request() -> Request:
+    return api_request(
+        "http://h/v1",
+        "/chat/completions",
+        {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+        api_key=CANARY_KEY,
+    )
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, object]]:
+    """A redis-server we may stop and start again on the same port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = shutil.which("redis-server")
+    assert server is not None
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        procs.append(
+            subprocess.Popen(
+                [
+                    server,
+                    "--port",
+                    str(port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(tmp_path),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        for _ in range(100):
+            try:
+                redis.Redis(port=port).ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop() -> None:
+        procs[-1].terminate()
+        procs[-1].wait()
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", (start, stop)
+    if procs[-1].poll() is None:
+        stop()
+
+
+async def test_redis_down_fails_closed_or_falls_back_then_recovers(
+    private_redis: tuple[str, tuple[object, object]],
+) -> None:
+    url, (start, stop) = private_redis
+    closed = SharedRateLimit(url, name="c", rpm=600, on_unavailable="fail", recheck=0.0)
+    local = SharedRateLimit(
+        url, name="l", rpm=600, on_unavailable="local", processes=4, recheck=0.0
+    )
+    closed_stack = build_stack([closed], MemoryTransport(ok))
+    local_stack = build_stack([local], MemoryTransport(ok))
+    assert (await closed_stack(request())).status == 200
+    stop()  # type: ignore[operator]
+    with pytest.raises(RateLimitUnavailable):
+        await closed_stack(request())
+    assert (await local_stack(request())).status == 200  # the local share (600/4 RPM) serves
+    start()  # type: ignore[operator]
+    assert (await closed_stack(request())).status == 200
+    assert (await local_stack(request())).status == 200
+    keys = redis.Redis.from_url(url).keys("corral:rl:l:*")
+    assert keys  # the fallback limiter handed back to Redis
+
+
+async def test_redis_keys_hold_no_secret(redis_url: str) -> None:
+    limiter = SharedRateLimit(redis_url, name="secret-check", rpm=600, tpm=100_000)
+    await build_stack([limiter], MemoryTransport(ok))(request())
+    client = redis.Redis.from_url(redis_url)
+    blob = b"".join(k + (client.get(k) or b"") for k in client.keys("corral:rl:secret-check:*"))
+    assert blob and CANARY_KEY[:8].encode() not in blob and CANARY_KEY[-8:].encode() not in blob
