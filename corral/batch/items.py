@@ -8,7 +8,9 @@ Bad lines are values, not exceptions, so one bad line never stops the others.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -99,16 +101,21 @@ class IdSet:
         self._pending.append(id_hash(custom_id))
 
     def _settle(self) -> None:
-        if self._pending:
-            merged = sorted([*self._sorted, *self._pending])
-            self._sorted, self._pending = array("Q", merged), array("Q")
+        """Merge the pending hashes in, sorting 64k at a time: a million ids never become a
+        million Python ints at once."""
+        if not self._pending:
+            return
+        pending = self._pending
+        runs = [self._sorted] + [
+            array("Q", sorted(pending[i : i + 65536])) for i in range(0, len(pending), 65536)
+        ]
+        self._pending = array("Q")
+        self._sorted = array("Q", heapq.merge(*runs))
 
     def __contains__(self, custom_id: object) -> bool:
         if not isinstance(custom_id, str):
             return False
         self._settle()
-        from bisect import bisect_left
-
         h = id_hash(custom_id)
         i = bisect_left(self._sorted, h)
         return i < len(self._sorted) and self._sorted[i] == h

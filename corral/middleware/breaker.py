@@ -29,6 +29,9 @@ class State(enum.Enum):
     HALF_OPEN = "half_open"
 
 
+BUCKETS = 20
+
+
 @attrs.define
 class BreakerPolicy:
     window: float = 30.0
@@ -38,7 +41,11 @@ class BreakerPolicy:
     probes: int = 1
     state: State = State.CLOSED
     opened_at: float = 0.0
-    _outcomes: deque[tuple[float, bool]] = attrs.field(factory=deque)
+    #: The rolling window as ``BUCKETS`` slices of [start, calls, failures]: memory and time
+    #: per call stay constant however many calls a window holds.
+    _buckets: deque[list[float]] = attrs.field(factory=deque)
+    _calls: float = 0
+    _failures: float = 0
     _probes_out: int = 0
 
     def before(self, now: float) -> float | None:
@@ -59,20 +66,33 @@ class BreakerPolicy:
                 self._open(now)
             else:
                 self.state = State.CLOSED
-                self._outcomes.clear()
+                self._forget()
             return
         if self.state is State.OPEN:
             return  # a call admitted before the trip finished late; it changes nothing
-        self._outcomes.append((now, failed))
-        while self._outcomes and self._outcomes[0][0] <= now - self.window:
-            self._outcomes.popleft()
+        bucket = self._current_bucket(now)
+        bucket[1] += 1
+        self._calls += 1
         if not failed:
             return  # a success never trips the breaker, whatever the rate
-        failures = sum(1 for _, f in self._outcomes if f)
-        if len(self._outcomes) >= self.min_calls and failures >= self.threshold * len(
-            self._outcomes
-        ):
+        bucket[2] += 1
+        self._failures += 1
+        if self._calls >= self.min_calls and self._failures >= self.threshold * self._calls:
             self._open(now)
+
+    def _current_bucket(self, now: float) -> list[float]:
+        buckets = self._buckets
+        while buckets and buckets[0][0] <= now - self.window:
+            _, calls, failures = buckets.popleft()
+            self._calls -= calls
+            self._failures -= failures
+        if not buckets or now >= buckets[-1][0] + self.window / BUCKETS:
+            buckets.append([now, 0, 0])
+        return buckets[-1]
+
+    def _forget(self) -> None:
+        self._buckets.clear()
+        self._calls = self._failures = 0
 
     def abandon(self) -> None:
         """A call let through ended with no outcome (cancelled): free its probe slot."""
@@ -81,7 +101,7 @@ class BreakerPolicy:
 
     def _open(self, now: float) -> None:
         self.state, self.opened_at = State.OPEN, now
-        self._outcomes.clear()
+        self._forget()
 
 
 def by_host(request: Request) -> str:
