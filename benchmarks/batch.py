@@ -265,7 +265,7 @@ def bench_peers(n: int, rpm: int, tpm: int) -> None:
             with emulator_process("--rpm", str(rpm), "--tpm", str(tpm), "--latency", "0.02") as url:
                 wall, rss, _ = timed_child(make(url, out), env={"OPENAI_API_KEY": KEY})
                 seen = counts(url)
-            done = sum(1 for line in out.open() if '"error": null' in line or "error" not in line)
+            done = sum(1 for line in out.open() if json.loads(line).get("error") is None)
             print(
                 f"| {name} | {wall:.1f} | {seen.get('rate_limited', 0)} | {n - done} | {rss:.0f} |"
             )
