@@ -218,3 +218,54 @@ async def test_aiohttp_refuses_trio_clearly(anyio_backend: str, emulator: Runnin
 
     with pytest.raises(errors.InvalidInput, match="only under asyncio"):
         await AiohttpTransport()(chat(emulator.base_url))
+
+
+@pytest.fixture
+def redirecting_servers() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A server answering 307 to another host (another port), which records what it receives."""
+    import http.server
+
+    seen: list[dict[str, str]] = []
+
+    class Target(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(dict(self.headers.items()))
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    target = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Target)
+    other = f"http://localhost:{target.server_address[1]}/v1/chat/completions"
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(307)
+            self.send_header("location", other)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    source = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (target, source)]
+    for t in threads:
+        t.start()
+    yield f"http://127.0.0.1:{source.server_address[1]}/v1", seen
+    for s in (target, source):
+        s.shutdown()
+        s.server_close()
+
+
+async def test_redirects_are_not_followed_so_the_key_stays_home(
+    redirecting_servers: tuple[str, list[dict[str, str]]], transport_factory: TransportFactory
+) -> None:
+    base_url, seen_elsewhere = redirecting_servers
+    reply = await transport_factory()(chat(base_url))
+    assert reply.status == 307 and reply.headers.get("location")
+    assert seen_elsewhere == []  # nothing, let alone the Authorization header, went elsewhere

@@ -89,6 +89,7 @@ class AiohttpTransport:
                 headers=list(request.headers.items()),
                 data=request.body or None,
                 timeout=_client_timeout(timeouts),
+                allow_redirects=False,  # corral never follows redirects (see transports/base)
             )
         except aiohttp.InvalidURL as exc:
             raise errors.InvalidInput(f"bad URL {request.url!r}: {exc}") from None

@@ -14,7 +14,12 @@ __all__ = ["Origin", "Transport", "split_url"]
 
 
 class Transport(Protocol):
-    """Sends one request. Must raise only corral errors (``TransportError`` for the wire)."""
+    """Sends one request. Must raise only corral errors (``TransportError`` for the wire).
+
+    Transports never follow redirects: a 3xx comes back as it is, so a credential is never
+    re-sent to a host the caller did not name. (An API that redirects is misconfigured; point
+    ``base_url`` at the final location.)
+    """
 
     async def __call__(self, request: Request) -> Response: ...
 

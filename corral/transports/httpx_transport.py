@@ -61,6 +61,7 @@ class HttpxTransport:
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
             verify=ssl_context or True,
+            follow_redirects=False,
         )
         self._clock = clock
 
