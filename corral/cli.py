@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -23,7 +24,6 @@ from corral.client import Client, default_middleware
 from corral.core.errors import InvalidInput
 from corral.core.models import Timeouts
 from corral.middleware.cache import Cache, CacheRules
-from corral.middleware.ratelimit import RateLimit
 from corral.middleware.retry import Retry
 from corral.middleware.truncate import Truncate
 from corral.transports.base import Transport
@@ -40,10 +40,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"need 0 <= I < N, got {text!r}")
+    return i, n
+
+
 def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policies")
     g.add_argument("--rpm", type=_positive_int, help="requests per minute allowed (your quota)")
     g.add_argument("--tpm", type=_positive_int, help="tokens per minute allowed (your quota)")
+    g.add_argument(
+        "--quota-redis",
+        metavar="URL",
+        help="share the RPM/TPM quota with other processes through this Redis",
+    )
+    g.add_argument(
+        "--quota-name", default="default", help="which shared quota (with --quota-redis)"
+    )
     g.add_argument("--concurrency", type=_positive_int, default=64, help="max requests in flight")
     g.add_argument("--retries", type=int, default=4, help="retries per request after the first try")
     g.add_argument(
@@ -85,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
         help="rerun the requests that failed in the output file",
     )
     run.add_argument("--dry-run", action="store_true", help="estimate tokens and cost only")
+    run.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="run only shard I of N (0-based) of the custom_ids, e.g. 0/4",
+    )
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.add_argument("--allow-failures", action="store_true", help="exit 0 even if some failed")
     run.add_argument("--no-progress", action="store_true")
@@ -138,15 +163,17 @@ async def _run_batch(args: argparse.Namespace, base_url: str | None, api_key: st
         strict=getattr(args, "strict", False),
         retry_failed=getattr(args, "retry_failed", False),
         model=getattr(args, "model", None),
+        shard=getattr(args, "shard", None),
     )
     pre = preflight(options)
     for bad in pre.bad:
         print(f"corral: bad line {bad.where(options.input)}: {bad.reason}", file=sys.stderr)
     if pre.bad_count > len(pre.bad):
         print(f"corral: ... and {pre.bad_count - len(pre.bad)} more bad lines", file=sys.stderr)
+    shared = getattr(args, "quota_redis", None)
     stack = default_middleware(
-        rpm=args.rpm,
-        tpm=args.tpm,
+        rpm=None if shared else args.rpm,
+        tpm=None if shared else args.tpm,
         concurrency=args.concurrency,
         max_attempts=args.retries + 1,
         timeout=args.timeout,
@@ -154,6 +181,11 @@ async def _run_batch(args: argparse.Namespace, base_url: str | None, api_key: st
         cache=_cache(args),
         truncate=Truncate() if getattr(args, "truncate", False) else None,
     )
+    if shared:  # the shared limiter takes the local one's place, just outside ConcurrencyLimit
+        from corral.middleware.shared_ratelimit import SharedRateLimit  # needs the redis extra
+
+        limiter_layer = SharedRateLimit(shared, name=args.quota_name, rpm=args.rpm, tpm=args.tpm)
+        stack.insert(len(stack) - 1, limiter_layer)
     client = Client(
         base_url,
         api_key,
@@ -161,7 +193,8 @@ async def _run_batch(args: argparse.Namespace, base_url: str | None, api_key: st
         transport=_transport(args.transport, args.timeout),
         middleware=stack,
     )
-    limiter = next((m for m in stack if isinstance(m, RateLimit)), None)
+    # RateLimit and SharedRateLimit both keep the seconds calls spent waiting in ``waited``.
+    limiter: Any = next((m for m in stack if hasattr(m, "waited")), None)
     retry = next(m for m in stack if isinstance(m, Retry))
     runner = BatchRunner(client, options)
     view = ProgressView(pre.total, enabled=not getattr(args, "no_progress", False))

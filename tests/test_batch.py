@@ -211,3 +211,43 @@ def test_cli_cache_serves_a_second_run(
         assert json.loads(capsys.readouterr().out)["cache_hit_rate"] == 1.0
         assert emu.counts["received"] == 15
     assert CANARY_KEY.encode() not in (tmp_path / "cache.db").read_bytes()
+
+
+def test_shards_split_a_file_exactly(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    redis_url: str,
+) -> None:
+    source = tmp_path / "in.jsonl"
+    write_input(source, 60)
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY_KEY)
+    with serve_in_thread() as emu:
+        for i in range(3):  # three "machines", one shared quota in Redis
+            args = [
+                "run",
+                str(source),
+                "-o",
+                str(tmp_path / f"out{i}.jsonl"),
+                "--shard",
+                f"{i}/3",
+                "--base-url",
+                emu.base_url,
+                "--no-progress",
+                "--json",
+                "--quota-redis",
+                redis_url,
+                "--quota-name",
+                tmp_path.name,
+                "--rpm",
+                "60000",
+            ]
+            assert main(args) == 0
+    capsys.readouterr()
+    per_shard = [read_output(tmp_path / f"out{i}.jsonl") for i in range(3)]
+    assert all(per_shard)  # every shard got work
+    ids = Counter(r["custom_id"] for shard in per_shard for r in shard)
+    assert len(ids) == 60 and set(ids.values()) == {1}
+    with pytest.raises(SystemExit) as refused:  # argparse refuses a shard outside 0..N-1
+        main(["run", str(source), "-o", "x", "--shard", "3/3"])
+    assert refused.value.code == 2

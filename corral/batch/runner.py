@@ -51,6 +51,15 @@ class BatchOptions:
     model: str | None = None
     #: Seconds in-flight calls get to finish after ``stop()`` before they are cancelled.
     grace: float = 60.0
+    #: (i, n): run only the custom_ids whose hash falls in shard i of n, so n machines can
+    #: split one file (each with its own output) while sharing a Redis quota and cache.
+    shard: tuple[int, int] | None = None
+
+    def mine(self, custom_id: str) -> bool:
+        if self.shard is None:
+            return True
+        index, count = self.shard
+        return id_hash(custom_id) % count == index
 
 
 @attrs.frozen
@@ -68,7 +77,8 @@ def preflight(options: BatchOptions, *, keep_bad: int = 20) -> Preflight:
     total = bad_count = 0
     bad: list[BadLine] = []
     for item in read_items(options.input):
-        total += 1
+        if options.mine(item.custom_id or f"line-{item.line}"):
+            total += 1
         if isinstance(item, BadLine):
             bad_count += 1
             if len(bad) < keep_bad:
@@ -201,6 +211,8 @@ class BatchRunner:
         for item in read_items(source):
             # A bad line without an id is recorded as line-N, so a rerun finds it done too.
             custom_id = item.custom_id or f"line-{item.line}"
+            if not self.options.mine(custom_id):
+                continue
             if custom_id in done:
                 report.skipped += 1
                 continue
