@@ -284,7 +284,7 @@ def main() -> None:
     elif args.which == "memory":
         bench_memory([100_000, 1_000_000] if args.n is None else [args.n])
     else:
-        bench_peers(args.n or 20_000, 30_000, 3_000_000)
+        bench_peers(args.n or 20_000, 12_000, 1_200_000)
 
 
 if __name__ == "__main__":
