@@ -46,6 +46,15 @@ def emulator_process(*extra: str) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+def emulator_counts(url: str) -> dict[str, int]:
+    """The running emulator's counters (requests received, per outcome)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/_corral/counts") as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import CLIENT_CPU, emulator_process, machine
+from _common import CLIENT_CPU, emulator_counts, emulator_process, machine
 
 KEY = "sk-bench-0123456789"
 
@@ -208,13 +208,6 @@ asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
 """
 
 
-def counts(url: str) -> dict[str, int]:
-    import urllib.request
-
-    with urllib.request.urlopen(url.removesuffix("/v1") + "/_corral/counts") as r:
-        return json.loads(r.read())  # type: ignore[no-any-return]
-
-
 def bench_peers(n: int, rpm: int, tpm: int) -> None:
     print(f"### Same file, same emulator ({rpm} RPM, {tpm} TPM, 20 ms latency), N={n:,}\n")
     print("| client | wall s | 429s received | failed | peak RSS MB |\n|---|---:|---:|---:|---:|")
@@ -264,7 +257,7 @@ def bench_peers(n: int, rpm: int, tpm: int) -> None:
             out = Path(tmp) / "out.jsonl"
             with emulator_process("--rpm", str(rpm), "--tpm", str(tpm), "--latency", "0.02") as url:
                 wall, rss, _ = timed_child(make(url, out), env={"OPENAI_API_KEY": KEY})
-                seen = counts(url)
+                seen = emulator_counts(url)
             done = sum(1 for line in out.open() if json.loads(line).get("error") is None)
             print(
                 f"| {name} | {wall:.1f} | {seen.get('rate_limited', 0)} | {n - done} | {rss:.0f} |"

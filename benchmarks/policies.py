@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import CLIENT_CPU, cpu_seconds, emulator_process, machine, pin_to
+from _common import CLIENT_CPU, cpu_seconds, emulator_counts, emulator_process, machine, pin_to
 
 from corral.client import Client, default_middleware
 from corral.core import Headers, Request, Response, api_request, build_stack
@@ -79,14 +79,6 @@ async def peer_run(url: str, n: int, rpm: int, tpm: int) -> None:
                 tg.start_soon(one, body(i))
 
 
-def counts(url: str) -> dict[str, int]:
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(url.removesuffix("/v1") + "/_corral/counts") as r:
-        return json.loads(r.read())  # type: ignore[no-any-return]
-
-
 def limits(n: int, rpm: int, tpm: int) -> None:
     pin_to(CLIENT_CPU)
     counter = EstimatingCounter()
@@ -102,7 +94,7 @@ def limits(n: int, rpm: int, tpm: int) -> None:
             t0 = time.perf_counter()
             anyio.run(fn, url, n, rpm, tpm)
             wall = time.perf_counter() - t0
-            seen = counts(url)
+            seen = emulator_counts(url)
         per_min = n / wall * 60
         tok_min = charged / wall * 60
         print(

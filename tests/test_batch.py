@@ -7,8 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from corral.batch.items import IdSet, parse_line
+from corral.batch.items import BadLine, BatchItem, IdSet, parse_line
 from corral.batch.runner import BatchOptions, BatchRunner, estimate_cost, preflight
 from corral.batch.store import scan_output
 from corral.cli import main
@@ -251,3 +253,26 @@ def test_shards_split_a_file_exactly(
     with pytest.raises(SystemExit) as refused:  # argparse refuses a shard outside 0..N-1
         main(["run", str(source), "-o", "x", "--shard", "3/3"])
     assert refused.value.code == 2
+
+
+@given(st.binary(max_size=300))
+def test_any_input_line_parses_to_an_item_or_a_named_problem(raw: bytes) -> None:
+    item = parse_line(7, raw)
+    assert (
+        item is None
+        or isinstance(item, BatchItem)
+        or (isinstance(item, BadLine) and item.line == 7 and item.reason)
+    )
+
+
+@given(st.lists(st.binary(max_size=80), max_size=8))
+def test_any_output_file_is_resumed_or_refused_with_its_line(chunks: list[bytes]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.jsonl"
+        out.write_bytes(b"".join(chunks))
+        try:
+            scan_output(out)
+        except errors.InvalidInput as exc:
+            assert "out.jsonl:" in str(exc)
