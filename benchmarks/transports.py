@@ -32,21 +32,28 @@ VARIANTS = [
 ]
 
 
-async def _drive(call: Any, n: int, concurrency: int) -> None:
+async def _drive(call: Any, n: int, concurrency: int) -> tuple[float, float]:
+    """Warm up (connections open, code paths hot), then time ``n`` calls: (wall s, CPU s)."""
     import anyio
 
-    counter = iter(range(n))
+    async def run(count: int) -> None:
+        counter = iter(range(count))
 
-    async def worker() -> None:
-        for _ in counter:
-            await call()
+        async def worker() -> None:
+            for _ in counter:
+                await call()
 
-    async with anyio.create_task_group() as tg:
-        for _ in range(concurrency):
-            tg.start_soon(worker)
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(worker)
+
+    await run(max(concurrency * 4, 500))
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    await run(n)
+    return time.perf_counter() - t0, cpu_seconds() - cpu0
 
 
-async def _variant(name: str, base_url: str, n: int, concurrency: int) -> None:
+async def _variant(name: str, base_url: str, n: int, concurrency: int) -> tuple[float, float]:
     from corral.core import api_request, decode_chat
 
     request = api_request(base_url, "/chat/completions", BODY, api_key=KEY)
@@ -67,8 +74,9 @@ async def _variant(name: str, base_url: str, n: int, concurrency: int) -> None:
         async def call() -> None:
             decode_chat(await transport(request))
 
-        await _drive(call, n, concurrency)
+        result = await _drive(call, n, concurrency)
         await transport.aclose()
+        return result
     elif name == "raw-aiohttp":
         import aiohttp
 
@@ -79,7 +87,7 @@ async def _variant(name: str, base_url: str, n: int, concurrency: int) -> None:
                 async with s.post(base_url + "/chat/completions", json=BODY, headers=headers) as r:
                     await r.json()
 
-            await _drive(call, n, concurrency)
+            return await _drive(call, n, concurrency)
     elif name == "raw-httpx":
         import httpx
 
@@ -91,7 +99,7 @@ async def _variant(name: str, base_url: str, n: int, concurrency: int) -> None:
             async def call() -> None:
                 (await c.post(base_url + "/chat/completions", json=BODY)).json()
 
-            await _drive(call, n, concurrency)
+            return await _drive(call, n, concurrency)
     elif name == "openai-sdk":
         import openai
 
@@ -100,8 +108,10 @@ async def _variant(name: str, base_url: str, n: int, concurrency: int) -> None:
         async def call() -> None:
             await client.chat.completions.create(**BODY)  # type: ignore[call-overload]
 
-        await _drive(call, n, concurrency)
+        result = await _drive(call, n, concurrency)
         await client.close()
+        return result
+    raise ValueError(f"unknown variant {name!r}")
 
 
 def run_one(name: str, base_url: str, n: int, concurrency: int) -> dict[str, float]:
@@ -114,13 +124,9 @@ def run_one(name: str, base_url: str, n: int, concurrency: int) -> dict[str, flo
         backend = "trio"
     elif name.endswith("uvloop"):
         options = {"use_uvloop": True}
-    # warm up connections and code paths
-    anyio.run(
-        _variant, name, base_url, min(500, n), concurrency, backend=backend, backend_options=options
+    wall, cpu = anyio.run(
+        _variant, name, base_url, n, concurrency, backend=backend, backend_options=options
     )
-    cpu0, t0 = cpu_seconds(), time.perf_counter()
-    anyio.run(_variant, name, base_url, n, concurrency, backend=backend, backend_options=options)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     return {"req_per_s": n / wall, "cpu_us_per_req": cpu / n * 1e6, "wall_s": wall}
 
 
