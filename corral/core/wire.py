@@ -170,6 +170,19 @@ def _str(value: Any, default: str = "") -> str:
     return value if isinstance(value, str) else default
 
 
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _items(value: Any) -> tuple[Mapping[str, Any], ...]:
+    return tuple(value) if isinstance(value, list) else ()
+
+
+def _index(choice: Mapping[str, Any], position: int) -> int:
+    index = choice.get("index")
+    return index if isinstance(index, int) else position
+
+
 def _field_error(what: str, field: str) -> MalformedResponse:
     return MalformedResponse(f"{what}: field {field!r} is missing or has the wrong type")
 
@@ -190,15 +203,13 @@ def parse_chat(data: Mapping[str, Any]) -> ChatCompletion:
         calls = msg.get("tool_calls")
         choices.append(
             Choice(
-                index=raw.get("index", i) if isinstance(raw.get("index"), int) else i,
+                index=_index(raw, i),
                 message=Message(
                     role=_str(msg.get("role"), "assistant"),
-                    content=content if isinstance(content, str) else None,
-                    tool_calls=tuple(calls) if isinstance(calls, list) else (),
+                    content=_opt_str(content),
+                    tool_calls=_items(calls),
                 ),
-                finish_reason=raw.get("finish_reason")
-                if isinstance(raw.get("finish_reason"), str)
-                else None,
+                finish_reason=_opt_str(raw.get("finish_reason")),
             )
         )
     return ChatCompletion(
@@ -250,15 +261,11 @@ def parse_chunk(data: Mapping[str, Any]) -> ChatChunk:
         role, content = delta.get("role"), delta.get("content")
         choices.append(
             ChunkChoice(
-                index=raw["index"] if isinstance(raw.get("index"), int) else i,
+                index=_index(raw, i),
                 delta=Delta(
-                    role=role if isinstance(role, str) else None,
-                    content=content if isinstance(content, str) else None,
-                    tool_calls=tuple(calls) if isinstance(calls, list) else (),
+                    role=_opt_str(role), content=_opt_str(content), tool_calls=_items(calls)
                 ),
-                finish_reason=raw.get("finish_reason")
-                if isinstance(raw.get("finish_reason"), str)
-                else None,
+                finish_reason=_opt_str(raw.get("finish_reason")),
             )
         )
     return ChatChunk(

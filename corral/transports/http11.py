@@ -306,12 +306,7 @@ class H11Transport:
         watch.start("read", timeouts.read)
         got_bytes = False
         while True:
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise errors.RemoteProtocolError(
-                    f"bad response head: {exc}", request_sent=True
-                ) from None
+            event = _next_event(conn, "bad response head")
             if event is h11.NEED_DATA:
                 chunk = await self._receive(conn, stale_ok=reused and not got_bytes)
                 got_bytes = got_bytes or bool(chunk)
@@ -340,6 +335,14 @@ class H11Transport:
         return chunk
 
 
+def _next_event(conn: _Connection, problem: str) -> object:
+    """h11's next event; its protocol errors become corral's, named for the phase."""
+    try:
+        return conn.h11.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise errors.RemoteProtocolError(f"{problem}: {exc}", request_sent=True) from None
+
+
 class _Body:
     """The response body of one exchange; finishing or closing it returns the connection."""
 
@@ -358,12 +361,7 @@ class _Body:
         read = self._timeouts.read
         try:
             while not self._lease.done:
-                try:
-                    event = conn.h11.next_event()
-                except h11.RemoteProtocolError as exc:
-                    raise errors.RemoteProtocolError(
-                        f"response body cut short or malformed: {exc}", request_sent=True
-                    ) from None
+                event = _next_event(conn, "response body cut short or malformed")
                 if event is h11.NEED_DATA:
                     if watch is not None:
                         watch.start("read", read)
