@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -39,6 +40,7 @@ class Origin:
         return host if self.port == default else f"{host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=512)
 def split_url(url: str) -> tuple[Origin, str]:
     """(origin, request-target) of an absolute http(s) URL; ``InvalidInput`` names what is wrong."""
     parts = urlsplit(url)

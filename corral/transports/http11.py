@@ -287,7 +287,10 @@ class H11Transport:
         headers = [(b"host", conn.origin.host_header.encode())]
         if request.body or request.method in ("POST", "PUT", "PATCH"):
             headers.append((b"content-length", str(len(request.body)).encode()))
-        headers.extend(request.headers.without("host").without("content-length").raw())
+        extra = request.headers
+        if "host" in extra or "content-length" in extra:
+            extra = extra.without("host").without("content-length")
+        headers.extend(extra.raw())
         try:
             data = conn.h11.send(h11.Request(method=request.method, target=target, headers=headers))
             if request.body:
