@@ -115,6 +115,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true")
     _add_policy_flags(run)
 
+    prep = sub.add_parser("prepare", help="fill a prompt template from a CSV/JSONL table")
+    prep.add_argument("rows", type=Path, help="a CSV with a header row, or JSONL of objects")
+    prep.add_argument("-o", "--output", type=Path, required=True, help="requests JSONL to write")
+    prep.add_argument("--template", required=True, help='user message, e.g. "Sentiment: {review}"')
+    prep.add_argument("--system", help="system message (may use {fields} too)")
+    prep.add_argument("--model", required=True)
+    prep.add_argument("--max-tokens", type=int)
+    prep.add_argument("--id-field", help="the column to use as custom_id (default: row-N)")
+
     serve = sub.add_parser("serve", help="run the OpenAI-compatible emulator")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -287,6 +296,18 @@ def _dry_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from corral.batch.templates import Template, write_requests
+
+    params = {} if args.max_tokens is None else {"max_tokens": args.max_tokens}
+    template = Template(args.template, args.model, args.system, params)
+    written, problems = write_requests(template, args.rows, args.output, id_field=args.id_field)
+    for problem in problems:
+        print(f"corral: {problem}", file=sys.stderr)
+    print(f"corral: wrote {written} request(s) to {args.output}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
+
+
 def _serve(args: argparse.Namespace) -> int:
     from corral.testing.emulator import EmulatorConfig, Fault, Latency
     from corral.testing.server import serve_forever
@@ -371,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "prepare":
+            return _prepare(args)
         if args.dry_run:
             return _dry_run(args)
         return anyio.run(_run_batch, args, args.base_url, None, backend=args.backend)

@@ -276,3 +276,44 @@ def test_any_output_file_is_resumed_or_refused_with_its_line(chunks: list[bytes]
             scan_output(out)
         except errors.InvalidInput as exc:
             assert "out.jsonl:" in str(exc)
+
+
+def test_prepare_fills_a_template_from_csv_and_jsonl(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv_rows = tmp_path / "reviews.csv"
+    csv_rows.write_text('id,review\nA1,"Great, fast"\nA2,Broke in a week\n', encoding="utf-8")
+    out = tmp_path / "requests.jsonl"
+    assert (
+        main(
+            [
+                "prepare",
+                str(csv_rows),
+                "-o",
+                str(out),
+                "--template",
+                "Sentiment of: {review}",
+                "--system",
+                "One word.",
+                "--model",
+                "gpt-4o-mini",
+                "--max-tokens",
+                "3",
+                "--id-field",
+                "id",
+            ]
+        )
+        == 0
+    )
+    lines = read_output(out)
+    assert [line["custom_id"] for line in lines] == ["A1", "A2"]
+    assert lines[0]["body"]["messages"][1]["content"] == "Sentiment of: Great, fast"  # type: ignore[index]
+    assert lines[0]["body"]["max_tokens"] == 3  # type: ignore[index]
+    jsonl_rows = tmp_path / "rows.jsonl"
+    jsonl_rows.write_text('{"review": "ok"}\n{"text": "no review field"}\n')
+    assert (
+        main(["prepare", str(jsonl_rows), "-o", str(out), "--template", "{review}", "--model", "m"])
+        == 1
+    )
+    assert "rows.jsonl:2: no field 'review'" in capsys.readouterr().err
+    assert [line["custom_id"] for line in read_output(out)] == ["row-1"]

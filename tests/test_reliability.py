@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -56,7 +57,7 @@ def anyio_backend() -> str:
 
 
 async def test_fault_soak_every_id_once_errors_typed_load_bounded(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, record_property: Any
 ) -> None:
     caplog.set_level(logging.DEBUG)
     n, budget = 5_000, 0.2
@@ -83,6 +84,9 @@ async def test_fault_soak_every_id_once_errors_typed_load_bounded(
     assert runner.report.succeeded + sum(kinds.values()) == n
     assert runner.report.succeeded > 0.95 * n
     assert received <= n * (1 + budget) + 10  # + the budget's initial reserve
+    record_property("received", received)
+    record_property("succeeded", runner.report.succeeded)
+    record_property("failed", dict(kinds))
     assert transport.open_connections <= 128
     text = caplog.text + out.read_text()
     assert all(CANARY_KEY[i : i + 8] not in text for i in range(len(CANARY_KEY) - 7))
@@ -95,7 +99,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkill_at_twenty_moments_then_resume_exactly_once(tmp_path: Path) -> None:
+def test_sigkill_at_twenty_moments_then_resume_exactly_once(
+    tmp_path: Path, record_property: Any
+) -> None:
     n, concurrency, kills = 1_000, 16, 20
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(source, n)
@@ -137,3 +143,5 @@ def test_sigkill_at_twenty_moments_then_resume_exactly_once(tmp_path: Path) -> N
     assert len(ids) == n and set(ids.values()) == {1}
     assert received - n <= kills * concurrency  # re-sends only for what was in flight
     assert sum(0 < p < n for p in progress) >= 5, progress  # the kills did land mid-run
+    record_property("resends", received - n)
+    record_property("kills_mid_run", sum(0 < p < n for p in progress))
