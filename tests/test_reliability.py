@@ -145,3 +145,32 @@ def test_sigkill_at_twenty_moments_then_resume_exactly_once(
     assert sum(0 < p < n for p in progress) >= 5, progress  # the kills did land mid-run
     record_property("resends", received - n)
     record_property("kills_mid_run", sum(0 < p < n for p in progress))
+
+
+async def test_no_secret_in_errors_or_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    import traceback
+
+    from corral.core import errors
+
+    caplog.set_level(logging.DEBUG)
+    texts: list[str] = []
+    with serve_in_thread(EmulatorConfig(api_keys=frozenset({"sk-only-this-one-works"}))) as emu:
+        async with Client(emu.base_url, CANARY_KEY, model="m") as client:
+            for call in (client.chat([{"role": "user", "content": "hi"}]), client.models()):
+                try:
+                    await call
+                except errors.AuthenticationError as exc:
+                    texts.append("".join(traceback.format_exception(exc)) + repr(exc) + str(exc))
+            texts.append(repr(client) + repr(client.request("/chat/completions", {"model": "m"})))
+    async with Client(
+        "http://127.0.0.1:9/v1",
+        CANARY_KEY,
+        model="m",
+        middleware=default_middleware(max_attempts=1),
+    ) as client:
+        with pytest.raises(errors.ConnectError) as info:
+            await client.chat([{"role": "user", "content": "hi"}])
+        texts.append("".join(traceback.format_exception(info.value)))
+    blob = "\n".join(texts) + caplog.text
+    assert len(texts) == 4
+    assert all(CANARY_KEY[i : i + 8] not in blob for i in range(len(CANARY_KEY) - 7))
