@@ -212,7 +212,7 @@ async def _run_batch(args: argparse.Namespace, base_url: str | None, api_key: st
     def wait() -> float:
         return limiter.waited if limiter is not None else 0.0
 
-    async def watch_signals(scope: anyio.CancelScope) -> None:
+    async def watch_signals() -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             count = 0
             async for _ in signals:
@@ -227,14 +227,14 @@ async def _run_batch(args: argparse.Namespace, base_url: str | None, api_key: st
                 else:
                     runner.abort()
 
-    async def draw(scope: anyio.CancelScope) -> None:
+    async def draw() -> None:
         while True:
             view.update(runner.report, wait())
             await anyio.sleep(0.2)
 
     async with client, anyio.create_task_group() as tg:
-        tg.start_soon(watch_signals, tg.cancel_scope)
-        tg.start_soon(draw, tg.cancel_scope)
+        tg.start_soon(watch_signals)
+        tg.start_soon(draw)
         await runner.run(pre)
         tg.cancel_scope.cancel()
     view.update(runner.report, wait(), force=True)

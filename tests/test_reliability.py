@@ -174,3 +174,42 @@ async def test_no_secret_in_errors_or_tracebacks(caplog: pytest.LogCaptureFixtur
     blob = "\n".join(texts) + caplog.text
     assert len(texts) == 4
     assert all(CANARY_KEY[i : i + 8] not in blob for i in range(len(CANARY_KEY) - 7))
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_drains_or_stops_then_resumes(tmp_path: Path, presses: int) -> None:
+    n = 200
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, n)
+    env = {**os.environ, "OPENAI_API_KEY": CANARY_KEY}
+    with serve_in_thread(EmulatorConfig(latency=Latency.fixed(0.5))) as emu:
+        cmd = [
+            sys.executable,
+            "-c",
+            CHILD,
+            "run",
+            str(source),
+            "-o",
+            str(out),
+            "--base-url",
+            emu.base_url,
+            "--no-progress",
+            "--concurrency",
+            "10",
+        ]
+        child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(2.5)
+        for _ in range(presses):
+            child.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        _, err = child.communicate(timeout=30)
+        assert child.returncode == 130, err.decode()[-1000:]
+        assert b"rerun the same command to resume" in err
+        written = len(read_output(out))
+        assert 0 < written < n
+        if presses == 1:  # drained: everything in flight at the first press was written
+            assert emu.counts["received"] == written
+        final = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
+        assert final.returncode == 0
+    ids = Counter(r["custom_id"] for r in read_output(out))
+    assert len(ids) == n and set(ids.values()) == {1}
