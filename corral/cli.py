@@ -373,10 +373,18 @@ def _demo(args: argparse.Namespace) -> int:
             if record["error"] is None:
                 answer = record["response"]["body"]["choices"][0]["message"]["content"]
                 tally[answer] = tally.get(answer, 0) + 1
-    injected = {k: v for k, v in counts.items() if k not in ("ok", "received", "connections")}
+    injected = {
+        k: v
+        for k, v in counts.items()
+        if k not in ("ok", "received", "connections", "rate_limited")
+    }
     print(
-        f"\n  emulator saw {counts.get('received', 0)} requests: {counts.get('ok', 0)} ok, "
-        f"faults/limits {injected}\n  sentiment: {tally}\n  results: {output}",
+        f"\n  emulator saw {counts.get('received', 0)} requests for {args.requests} reviews: "
+        f"{counts.get('ok', 0)} ok\n"
+        f"  429s from its RPM/TPM limiter: {counts.get('rate_limited', 0)} "
+        f"(corral kept under the quota)\n"
+        f"  injected faults, all absorbed by retries: {injected}\n"
+        f"  sentiment: {tally}\n  results: {output}",
         file=sys.stderr,
     )
     return code

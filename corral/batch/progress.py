@@ -66,7 +66,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("tokens in/out", f"{summary['tokens']['input']} / {summary['tokens']['output']}"),
         ("cost", f"${summary['cost_usd']:.4f}"),
         ("cache hit rate", f"{summary['cache_hit_rate']:.1%}"),
-        ("rate-limit wait (sum)", f"{summary['limiter_wait_s']:.1f} s"),
+        (
+            "rate-limit wait",
+            f"{summary['limiter_wait_s'] / max(1, summary['sent']):.2f} s per call "
+            f"(waiting for quota instead of getting 429s)",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
