@@ -383,7 +383,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"{counts.get('ok', 0)} ok\n"
         f"  429s from its RPM/TPM limiter: {counts.get('rate_limited', 0)} "
         f"(corral kept under the quota)\n"
-        f"  injected faults, all absorbed by retries: {injected}\n"
+        f"  injected faults (each retried by corral): {injected}\n"
         f"  sentiment: {tally}\n  results: {output}",
         file=sys.stderr,
     )
