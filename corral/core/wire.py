@@ -115,12 +115,12 @@ class Usage:
         if not isinstance(raw, Mapping):
             return None
 
-        def num(key: str) -> int:
-            value = raw.get(key)
-            return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-        prompt, completion = num("prompt_tokens"), num("completion_tokens")
-        return cls(prompt, completion, num("total_tokens") or prompt + completion)
+        # ``type(x) is int`` rather than isinstance: a bool is not a count (and this is hot).
+        prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+        total = raw.get("total_tokens")
+        prompt = prompt if type(prompt) is int else 0
+        completion = completion if type(completion) is int else 0
+        return cls(prompt, completion, total if type(total) is int else prompt + completion)
 
 
 def response_usage(response: Response) -> Usage | None:
