@@ -8,7 +8,7 @@ next to the typed fields so nothing the provider sent is lost.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -104,8 +104,9 @@ def decode_json(response: Response) -> Mapping[str, Any]:
     return data
 
 
-@attrs.frozen
-class Usage:
+class Usage(NamedTuple):
+    """Token counts of one call. A NamedTuple: built on every response, so it must be cheap."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -114,7 +115,6 @@ class Usage:
     def parse(cls, raw: Any) -> Usage | None:
         if not isinstance(raw, Mapping):
             return None
-
         # ``type(x) is int`` rather than isinstance: a bool is not a count (and this is hot).
         prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
         total = raw.get("total_tokens")
@@ -370,7 +370,7 @@ class ChatAccumulator:
             ],
         }
         if self.usage is not None:
-            raw["usage"] = attrs.asdict(self.usage)
+            raw["usage"] = self.usage._asdict()
         return ChatCompletion(self.id, self.model, choices, self.usage, raw)
 
 

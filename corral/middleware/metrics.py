@@ -58,10 +58,12 @@ class Histogram:
 
     def add(self, value: float) -> None:
         index = 0 if value <= self._min else int(math.log(value / self._min) / self._log_g) + 1
-        self.counts[index] += 1
+        counts = self.counts
+        counts[index] = counts.get(index, 0) + 1
         self.count += 1
         self.total += value
-        self.max = max(self.max, value)
+        if value > self.max:
+            self.max = value
 
     def quantile(self, q: float) -> float:
         """The upper edge of the bucket holding the q-quantile (0 when empty)."""
@@ -91,7 +93,6 @@ class Aggregator:
 
     def record(
         self,
-        *,
         start: float,
         end: float,
         outcome: str,
@@ -100,15 +101,19 @@ class Aggregator:
         usage: Usage | None = None,
         from_cache: bool = False,
     ) -> None:
-        self.started = start if self.started is None else min(self.started, start)
-        self.last = max(self.last, end)
-        self.outcomes[outcome] += 1
+        """One finished call. Positional, plain branches: this runs on every call."""
+        if self.started is None or start < self.started:
+            self.started = start
+        if end > self.last:
+            self.last = end
+        outcomes = self.outcomes
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
         self.latency.add(end - start)
         if first_byte is not None:
             self.first_byte.add(first_byte - start)
         if from_cache:
             self.cache_hits += 1
-        if usage is not None and not from_cache:
+        elif usage is not None:
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
             self.tokens_in += prompt
             self.tokens_out += completion
@@ -184,16 +189,17 @@ class Metrics:
         try:
             response = await call_next(request)
         except CorralError as exc:
-            self.aggregator.record(start=start, end=self._clock(), outcome=exc.kind, model=model)
+            self.aggregator.record(start, self._clock(), exc.kind, model)
             raise
         timing = response.timing
+        status = response.status
         self.aggregator.record(
-            start=start,
-            end=self._clock(),
-            outcome="ok" if response.status < 400 else f"http_{response.status}",
-            model=model,
-            first_byte=timing.first_byte if timing is not None else None,
-            usage=response_usage(response),
-            from_cache=response.from_cache,
+            start,
+            self._clock(),
+            "ok" if status < 400 else f"http_{status}",
+            model,
+            None if timing is None else timing.first_byte,
+            response_usage(response),
+            response.from_cache,
         )
         return response
