@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import AsyncIterator, Callable
 
@@ -32,6 +33,7 @@ def map_aiohttp_error(exc: BaseException, *, request_sent: bool) -> errors.Trans
     return errors.ReadError(text, request_sent=request_sent)
 
 
+@functools.lru_cache(maxsize=64)
 def _client_timeout(t: Timeouts) -> aiohttp.ClientTimeout:
     # aiohttp has no write timeout; its ``connect`` covers the wait for a pooled connection.
     pool_and_connect = None if t.pool is None or t.connect is None else t.pool + t.connect

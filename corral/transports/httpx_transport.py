@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ssl
 from collections.abc import AsyncIterator, Callable
 
@@ -37,6 +38,7 @@ def map_httpx_error(exc: Exception, *, request_sent: bool) -> errors.TransportEr
     return errors.NetworkError(f"{type(exc).__name__}: {exc}", request_sent=request_sent)
 
 
+@functools.lru_cache(maxsize=64)
 def _httpx_timeout(t: Timeouts) -> httpx.Timeout:
     return httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool)
 
