@@ -211,3 +211,19 @@ async def test_concurrency_limit_caps_in_flight() -> None:
         for _ in range(50):
             tg.start_soon(stack, chat())
     assert in_flight[1] == 7
+
+
+async def test_keys_meter_separately() -> None:
+    from corral.middleware.ratelimit import by_credential, by_endpoint
+
+    stack_m = RateLimit(rpm=60, burst_requests=1)
+    handler = build_stack([stack_m], MemoryTransport(ok))
+    t0 = anyio.current_time()
+    await handler(chat(model="a"))
+    await handler(chat(model="b"))  # another model: its own bucket, no wait
+    assert anyio.current_time() == t0
+    await handler(chat(model="a"))  # same model: waits for the refill
+    assert anyio.current_time() > t0
+    assert by_endpoint(chat()) == "http://sim/v1/chat/completions"
+    key = by_credential(chat())
+    assert "sk-test" not in key and key.endswith(":m")

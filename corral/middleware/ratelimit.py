@@ -14,6 +14,7 @@ nothing; a refund, a header resync or a pause end wakes the head early.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from collections import deque
 from collections.abc import Callable
@@ -29,7 +30,16 @@ from corral.core.models import Request, Response
 from corral.core.tokens import EstimatingCounter, TokenCounter, estimate_request_tokens
 from corral.core.wire import response_usage
 
-__all__ = ["Bucket", "Cost", "RateLimit", "RateLimitPolicy", "bucket_shape", "by_model"]
+__all__ = [
+    "Bucket",
+    "Cost",
+    "RateLimit",
+    "RateLimitPolicy",
+    "bucket_shape",
+    "by_credential",
+    "by_endpoint",
+    "by_model",
+]
 
 
 @attrs.frozen
@@ -163,6 +173,17 @@ class RateLimitPolicy:
 def by_model(request: Request) -> str:
     """The default key: one quota per model, as providers meter."""
     return request.options.model or "default"
+
+
+def by_endpoint(request: Request) -> str:
+    """One quota per URL (host and path), e.g. chat and embeddings metered apart."""
+    return request.url.split("?", 1)[0]
+
+
+def by_credential(request: Request) -> str:
+    """One quota per API key (a hash of it: the key itself is never kept), per model."""
+    auth = request.headers.get("authorization") or ""
+    return hashlib.sha256(auth.encode()).hexdigest()[:16] + ":" + by_model(request)
 
 
 @attrs.define(eq=False)
