@@ -257,6 +257,10 @@ class Client:
         ``bodies`` is consumed lazily, so a generator of a million items uses memory for
         ``concurrency`` of them. With ``ordered=True`` results come in input order, and at most
         ``concurrency`` items run ahead of the oldest unfinished one.
+
+        If you may stop iterating early, wrap it in ``contextlib.aclosing(client.map(...))`` so
+        the calls still running are cancelled right away rather than when the generator is
+        garbage-collected.
         """
         send, receive = anyio.create_memory_object_stream[MapResult](concurrency)
         slots = anyio.Semaphore(concurrency)
