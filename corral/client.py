@@ -283,20 +283,33 @@ class Client:
                     await slots.acquire()
                     tg.start_soon(one, index, body, name=f"corral-map-{index}")
 
+        pending: dict[int, MapResult] = {}
+        next_index = 0
+
+        def in_order(outcome: MapResult) -> list[MapResult]:
+            nonlocal next_index
+            if not ordered:
+                return [outcome]
+            pending[outcome.index] = outcome
+            ready = []
+            while next_index in pending:
+                ready.append(pending.pop(next_index))
+                next_index += 1
+                slots.release()
+            return ready
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
-            pending: dict[int, MapResult] = {}
-            next_index = 0
             async with receive:
                 async for outcome in receive:
-                    if not ordered:
-                        yield outcome
-                        continue
-                    pending[outcome.index] = outcome
-                    while next_index in pending:
-                        yield pending.pop(next_index)
-                        next_index += 1
-                        slots.release()
+                    for ready in in_order(outcome):
+                        try:
+                            yield ready
+                        except GeneratorExit:
+                            # The caller stopped early (aclose): cancel the calls still running
+                            # and finish normally; GeneratorExit must not reach the task group.
+                            tg.cancel_scope.cancel()
+                            return
 
     async def aclose(self) -> None:
         await self.transport.aclose()

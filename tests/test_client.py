@@ -111,3 +111,17 @@ async def test_cancellation_propagates(emulator: RunningEmulator) -> None:
         with anyio.move_on_after(0):
             await client.chat(MESSAGES)
         assert (await client.chat(MESSAGES)).text
+
+
+async def test_map_early_exit_cancels_the_rest(emulator: RunningEmulator) -> None:
+    import contextlib
+
+    bodies = (
+        {"model": "m", "messages": [{"role": "user", "content": str(i)}]} for i in range(10_000)
+    )
+    async with Client(emulator.base_url, CANARY_KEY) as client:
+        async with contextlib.aclosing(client.map(bodies, concurrency=8)) as results:
+            async for _ in results:
+                break
+        assert (await client.chat(MESSAGES, model="m")).text  # the client still works
+    assert emulator.counts["received"] < 100
