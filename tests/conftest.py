@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+# Imported up front: imported late, inside pytest's failure summary, hypothesis hits a CPython
+# 3.11.7 compiler bug ("AST constructor recursion depth mismatch") that hides the real failure.
+import hypothesis  # noqa: F401
 import pytest
 
 from corral.core.models import Timeouts
