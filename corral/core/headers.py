@@ -25,7 +25,7 @@ class Headers:
     them too), values as given. Instances are immutable: ``with_`` and ``without`` return copies.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_raw")
 
     def __init__(
         self, items: Headers | Mapping[str, str] | Iterable[tuple[str, str]] | None = None
@@ -73,8 +73,15 @@ class Headers:
     def items(self) -> tuple[tuple[str, str], ...]:
         return self._items
 
-    def raw(self) -> list[tuple[bytes, bytes]]:
-        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self._items]
+    def raw(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The fields as wire bytes; computed once (a request's headers are sent per attempt)."""
+        try:
+            return self._raw
+        except AttributeError:
+            self._raw: tuple[tuple[bytes, bytes], ...] = tuple(
+                (k.encode("latin-1"), v.encode("latin-1")) for k, v in self._items
+            )
+            return self._raw
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None

@@ -173,9 +173,9 @@ class H11Transport:
                     return Response(
                         status, headers, stream=body, timing=Timing(started, first_byte)
                     )
-                chunks = [chunk async for chunk in body.chunks(watch)]
+                data = await body.read_all(watch)
                 timing = Timing(started, first_byte, self._clock())
-                return Response(status, headers, b"".join(chunks), timing=timing)
+                return Response(status, headers, data, timing=timing)
         except BaseException:
             if lease is not None:
                 await lease.finish(reusable=False)
@@ -356,38 +356,56 @@ class _Body:
         self._timeouts = timeouts
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self.chunks(None)
+        return self._stream()
 
-    async def chunks(self, watch: _Watch | None) -> AsyncIterator[bytes]:
-        """Yield body pieces. With ``watch`` the caller's scope times reads; else one per read."""
-        conn, transport = self._conn, self._lease.transport
-        read = self._timeouts.read
+    async def _stream(self) -> AsyncIterator[bytes]:
         try:
-            while not self._lease.done:
-                event = _next_event(conn, "response body cut short or malformed")
-                if event is h11.NEED_DATA:
-                    if watch is not None:
-                        watch.start("read", read)
-                        await transport._receive(conn)
-                    else:
-                        try:
-                            with anyio.fail_after(read):
-                                await transport._receive(conn)
-                        except TimeoutError:
-                            raise errors.ReadTimeout(
-                                f"no body data for {read}s", request_sent=True
-                            ) from None
-                elif isinstance(event, h11.Data):
-                    yield bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    await self._lease.finish(reusable=True)
-                else:
-                    raise errors.RemoteProtocolError(
-                        f"connection closed before the body ended ({type(event).__name__})",
-                        request_sent=True,
-                    )
+            while (chunk := await self.next_chunk(None)) is not None:
+                yield chunk
         finally:
             await self._lease.finish(reusable=False)  # no-op when already finished
+
+    async def read_all(self, watch: _Watch) -> bytes:
+        """The whole body, its reads timed by the attempt's scope (no generator: a hot path)."""
+        chunks = []
+        try:
+            while (chunk := await self.next_chunk(watch)) is not None:
+                chunks.append(chunk)
+        finally:
+            await self._lease.finish(reusable=False)  # no-op when already finished
+        return b"".join(chunks)
+
+    async def next_chunk(self, watch: _Watch | None) -> bytes | None:
+        """The next piece of the body, or None at its end (the connection then goes back).
+
+        With ``watch`` the caller's scope times the reads; without, each read has its own.
+        """
+        conn, transport = self._conn, self._lease.transport
+        read = self._timeouts.read
+        while not self._lease.done:
+            event = _next_event(conn, "response body cut short or malformed")
+            if event is h11.NEED_DATA:
+                if watch is not None:
+                    watch.start("read", read)
+                    await transport._receive(conn)
+                    continue
+                try:
+                    with anyio.fail_after(read):
+                        await transport._receive(conn)
+                except TimeoutError:
+                    raise errors.ReadTimeout(
+                        f"no body data for {read}s", request_sent=True
+                    ) from None
+            elif isinstance(event, h11.Data):
+                return bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                await self._lease.finish(reusable=True)
+            else:
+                raise errors.RemoteProtocolError(
+                    f"connection closed before the body ended ({type(event).__name__})",
+                    request_sent=True,
+                )
+        return None
 
     async def aclose(self) -> None:
         await self._lease.finish(reusable=False)
