@@ -158,18 +158,24 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=20_000)
     parser.add_argument("-c", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; each variant's best counts")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_one(args.child, args.url, args.n, args.c)))
         return
     print(f"Machine: {machine()}\n")
-    print(f"### Zero latency, N={args.n}, concurrency {args.c}\n")
+    print(f"### Zero latency, N={args.n}, concurrency {args.c}, best of {args.repeat} rounds\n")
     print("| client | req/s | client CPU µs/req | vs raw aiohttp | vs openai SDK |")
     print("|---|---:|---:|---:|---:|")
-    results = {}
+    # Rounds alternate the variants, and each keeps its best round: this VM's speed drifts by
+    # 10-20% over minutes, which would otherwise favour whichever ran in a fast moment.
+    results: dict[str, dict[str, float]] = {}
     with emulator_process() as url:
-        for name in args.variants.split(","):
-            results[name] = spawn(name, url, args.n, args.c)
+        for _ in range(args.repeat):
+            for name in args.variants.split(","):
+                r = spawn(name, url, args.n, args.c)
+                if name not in results or r["req_per_s"] > results[name]["req_per_s"]:
+                    results[name] = r
     base = results.get("raw-aiohttp", {}).get("req_per_s", float("nan"))
     sdk = results.get("openai-sdk", {}).get("req_per_s", float("nan"))
     for name, r in results.items():
