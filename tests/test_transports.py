@@ -269,3 +269,18 @@ async def test_redirects_are_not_followed_so_the_key_stays_home(
     reply = await transport_factory()(chat(base_url))
     assert reply.status == 307 and reply.headers.get("location")
     assert seen_elsewhere == []  # nothing, let alone the Authorization header, went elsewhere
+
+
+async def test_h11_resends_once_on_a_pooled_connection_found_dead(
+    monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    from corral.transports import http11
+
+    # Skip the idle check, so the pooled socket the server has closed is really used.
+    monkeypatch.setattr(http11._Connection, "looks_closed", lambda self: False)
+    with serve_in_thread(keepalive_timeout=0.1) as emu:
+        async with http11.H11Transport() as t:
+            assert (await t(chat(emu.base_url))).status == 200
+            await anyio.sleep(0.4)  # the server closes the idle connection
+            assert (await t(chat(emu.base_url))).status == 200
+        assert emu.counts["received"] == 2 and emu.counts["connections"] == 2
