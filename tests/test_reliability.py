@@ -92,6 +92,16 @@ async def test_fault_soak_every_id_once_errors_typed_load_bounded(
     assert all(CANARY_KEY[i : i + 8] not in text for i in range(len(CANARY_KEY) - 7))
 
 
+def wait_for_progress(out: Path, child: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Until the child has written a new result line (or exited): a bounded poll."""
+    before = out.read_bytes().count(b"\n") if out.exists() else 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") > before:
+            return
+        time.sleep(0.02)
+
+
 CHILD = """
 import sys
 from corral.cli import main
@@ -128,7 +138,9 @@ def test_sigkill_at_twenty_moments_then_resume_exactly_once(
             child = subprocess.Popen(
                 cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
-            time.sleep(rng.uniform(0.3, 0.9))  # past interpreter start-up, into the run
+            # Into the run (however slow the machine starts Python), then a seeded moment.
+            wait_for_progress(out, child)
+            time.sleep(rng.uniform(0.0, 0.4))
             child.send_signal(signal.SIGKILL)
             child.wait()
             lines = out.read_bytes().splitlines(keepends=True) if out.exists() else []
@@ -198,7 +210,8 @@ def test_ctrl_c_drains_or_stops_then_resumes(tmp_path: Path, presses: int) -> No
             "10",
         ]
         child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(2.5)
+        wait_for_progress(out, child)
+        time.sleep(0.5)
         for _ in range(presses):
             child.send_signal(signal.SIGINT)
             time.sleep(0.05)
