@@ -102,6 +102,23 @@ def wait_for_progress(out: Path, child: subprocess.Popen[bytes], timeout: float 
         time.sleep(0.02)
 
 
+def corral_run(source: Path, out: Path, base_url: str, *flags: str) -> list[str]:
+    """The command line of a `corral run` child process."""
+    return [
+        sys.executable,
+        "-c",
+        CHILD,
+        "run",
+        str(source),
+        "-o",
+        str(out),
+        "--base-url",
+        base_url,
+        "--no-progress",
+        *flags,
+    ]
+
+
 CHILD = """
 import sys
 from corral.cli import main
@@ -119,21 +136,7 @@ def test_sigkill_at_twenty_moments_then_resume_exactly_once(
     env = {**os.environ, "OPENAI_API_KEY": CANARY_KEY}
     progress: list[int] = []
     with serve_in_thread(EmulatorConfig(latency=Latency.fixed(0.1))) as emu:
-        cmd = [
-            sys.executable,
-            "-c",
-            CHILD,
-            "run",
-            str(source),
-            "-o",
-            str(out),
-            "--base-url",
-            emu.base_url,
-            "--no-progress",
-            "--json",
-            "--concurrency",
-            str(concurrency),
-        ]
+        cmd = corral_run(source, out, emu.base_url, "--json", "--concurrency", str(concurrency))
         for _ in range(kills):
             child = subprocess.Popen(
                 cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -195,20 +198,7 @@ def test_ctrl_c_drains_or_stops_then_resumes(tmp_path: Path, presses: int) -> No
     write_input(source, n)
     env = {**os.environ, "OPENAI_API_KEY": CANARY_KEY}
     with serve_in_thread(EmulatorConfig(latency=Latency.fixed(0.5))) as emu:
-        cmd = [
-            sys.executable,
-            "-c",
-            CHILD,
-            "run",
-            str(source),
-            "-o",
-            str(out),
-            "--base-url",
-            emu.base_url,
-            "--no-progress",
-            "--concurrency",
-            "10",
-        ]
+        cmd = corral_run(source, out, emu.base_url, "--concurrency", "10")
         child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_for_progress(out, child)
         time.sleep(0.5)
