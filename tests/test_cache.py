@@ -229,3 +229,13 @@ def test_rules_key_ignores_nothing_that_matters() -> None:
     assert rules.key(req(content="a")) != rules.key(req(content="b"))
     assert rules.key(req()) != CacheRules(shared_namespace=True).key(req())
     assert CANARY_KEY not in (rules.key(req()) or "")
+
+
+async def test_sqlite_purges_expired_rows(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "c.db")
+    await store.set("old", b"x", 0.01)
+    await store.set("new", b"y", 60)
+    await anyio.sleep(0.05)
+    assert store.purge_expired() == 1
+    assert await store.get("new") == b"y"
+    await store.aclose()
