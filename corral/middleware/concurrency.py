@@ -11,17 +11,16 @@ is finished or closed), through a ``Gate`` whose size follows the policy.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import AsyncIterator
 
-import anyio
 import attrs
 
 from corral.core.compose import Clock, Handler, current_time
 from corral.core.errors import TimeoutError_
 from corral.core.models import ByteStream, Request, Response
+from corral.gate import Gate
 
-__all__ = ["AIMDPolicy", "ConcurrencyLimit"]
+__all__ = ["AIMDPolicy", "ConcurrencyLimit", "Gate"]
 
 _OVERLOAD = frozenset({429, 503})
 
@@ -48,47 +47,6 @@ class AIMDPolicy:
         if now - self._last_decrease >= self.cooldown:
             self._last_decrease = now
             self.limit = max(self.minimum, self.limit * self.decrease)
-
-
-class Gate:
-    """Counts slots up to a ``limit`` that may change; waiters are served first come, first served.
-
-    Taking a free slot does not await at all (anyio's CapacityLimiter checkpoints twice per
-    acquire, a measurable share of a cached or in-memory call's cost).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._waiters: deque[anyio.Event] = deque()
-
-    async def acquire(self) -> None:
-        if self.used < self.limit and not self._waiters:
-            self.used += 1
-            return
-        handed = anyio.Event()
-        self._waiters.append(handed)
-        try:
-            await handed.wait()
-        except BaseException:
-            if handed.is_set():
-                self.release()  # a slot arrived as we were cancelled: pass it on
-            else:
-                self._waiters.remove(handed)
-            raise
-
-    def release(self) -> None:
-        self.used -= 1
-        self._hand_over()
-
-    def resize(self, limit: int) -> None:
-        self.limit = limit
-        self._hand_over()
-
-    def _hand_over(self) -> None:
-        while self._waiters and self.used < self.limit:
-            self.used += 1
-            self._waiters.popleft().set()
 
 
 class ConcurrencyLimit:

@@ -27,6 +27,7 @@ from corral.core import errors
 from corral.core.compose import current_time
 from corral.core.headers import Headers
 from corral.core.models import Request, Response, Timeouts, Timing
+from corral.gate import Gate
 from corral.transports.base import Origin, split_url
 
 __all__ = ["H11Transport"]
@@ -137,8 +138,8 @@ class H11Transport:
         self._keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
         self._clock = clock
-        self._slots = anyio.Semaphore(max_connections)
-        self._host_slots: dict[Origin, anyio.Semaphore] = {}
+        self._slots = Gate(max_connections)
+        self._host_slots: dict[Origin, Gate] = {}
         self._idle: dict[Origin, list[_Connection]] = {}
         self._open = 0
         self._closed = False
@@ -206,7 +207,7 @@ class H11Transport:
             return
         host_slots = self._host_slots.get(origin)
         if host_slots is None:
-            host_slots = self._host_slots[origin] = anyio.Semaphore(self._max_per_host)
+            host_slots = self._host_slots[origin] = Gate(self._max_per_host)
         await host_slots.acquire()
         try:
             await self._slots.acquire()
