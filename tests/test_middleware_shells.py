@@ -227,3 +227,39 @@ async def test_keys_meter_separately() -> None:
     assert by_endpoint(chat()) == "http://sim/v1/chat/completions"
     key = by_credential(chat())
     assert "sk-test" not in key and key.endswith(":m")
+
+
+async def test_streamed_calls_settle_their_tokens_when_usage_arrives() -> None:
+    from corral.middleware.metrics import Metrics
+
+    events = (
+        b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3,'
+        b' "total_tokens": 10}}\n\ndata: [DONE]\n\n'
+    )
+
+    class Once:
+        def __aiter__(self):  # type: ignore[no-untyped-def]
+            return self._it()
+
+        async def _it(self):  # type: ignore[no-untyped-def]
+            for i in range(0, len(events), 7):
+                yield events[i : i + 7]
+
+        async def aclose(self) -> None: ...
+
+    limiter = RateLimit(tpm=60_000, burst_tokens=2_000)
+    metrics = Metrics()
+    stack = build_stack(
+        [metrics, limiter], MemoryTransport(lambda _: Response(200, Headers(), stream=Once()))
+    )
+    response = await stack(chat(tokens=1_500).with_options(stream=True))
+    bucket = limiter.policy("m").tokens[0]
+    bucket.refill(anyio.current_time())
+    assert bucket.level == pytest.approx(500)  # 1500 reserved while the stream runs
+    assert response.stream is not None
+    async for _ in response.stream:
+        pass
+    bucket.refill(anyio.current_time())
+    assert bucket.level == pytest.approx(1_990)  # settled to the 10 tokens actually used
+    assert metrics.aggregator.tokens_in == 7 and metrics.aggregator.tokens_out == 3

@@ -166,3 +166,18 @@ def test_request_and_response_are_immutable() -> None:
     with pytest.raises(AttributeError):
         request.url = "x"  # type: ignore[misc]
     assert request.with_options(model="m").options.model == "m" and request.options.model is None
+
+
+@given(st.lists(st.integers(min_value=0), max_size=12))
+def test_usage_watcher_finds_usage_in_any_split(cuts: list[int]) -> None:
+    from corral.core.wire import UsageWatcher
+
+    raw = stream_bytes(["a", "b", "c"])
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    watcher = UsageWatcher()
+    found = [
+        u
+        for a, b in zip([0, *points], [*points, len(raw)], strict=True)
+        if (u := watcher.feed(raw[a:b])) is not None
+    ]
+    assert len(found) == 1 and found[0].total_tokens == 4

@@ -27,6 +27,7 @@ __all__ = [
     "Embeddings",
     "Message",
     "Usage",
+    "UsageWatcher",
     "api_request",
     "decode_chat",
     "decode_embeddings",
@@ -275,6 +276,35 @@ def parse_chunk(data: Mapping[str, Any]) -> ChatChunk:
         usage=Usage.parse(data.get("usage")),
         raw=data,
     )
+
+
+class UsageWatcher:
+    """Finds the ``usage`` a chat stream reports (with stream_options.include_usage); sans-IO.
+
+    Cheaper than decoding the stream: only events that mention ``"usage"`` are parsed. Layers
+    that pass a stream through (rate limit, metrics) use it to learn what the call cost.
+    """
+
+    def __init__(self) -> None:
+        self._sse = SSEParser()
+        self.usage: Usage | None = None
+
+    def feed(self, data: bytes) -> Usage | None:
+        """The usage, the first time a fed piece completes the event that carries it."""
+        if self.usage is not None:
+            return None
+        for event in self._sse.feed(data):
+            if '"usage"' not in event.data:
+                continue
+            try:
+                payload = jsonlib.loads(event.data)
+            except jsonlib.JSONDecodeError:
+                continue
+            usage = Usage.parse(payload.get("usage")) if isinstance(payload, Mapping) else None
+            if usage is not None:
+                self.usage = usage
+                return usage
+        return None
 
 
 class ChatStreamDecoder:

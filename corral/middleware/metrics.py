@@ -9,6 +9,7 @@ Only model names, status codes and error kinds are recorded: never headers, bodi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from corral.core.compose import Clock, Handler, current_time
 from corral.core.errors import CorralError
 from corral.core.models import Request, Response
 from corral.core.wire import Usage, response_usage
+from corral.streams import UsageStream
 
 __all__ = ["DEFAULT_PRICES", "Aggregator", "Histogram", "Metrics", "Price"]
 
@@ -114,12 +116,16 @@ class Aggregator:
         if from_cache:
             self.cache_hits += 1
         elif usage is not None:
-            prompt, completion = usage.prompt_tokens, usage.completion_tokens
-            self.tokens_in += prompt
-            self.tokens_out += completion
-            price = self.prices.get(model or "")
-            if price is not None:
-                self.cost += (prompt * price.input + completion * price.output) / 1e6
+            self.add_usage(model, usage)
+
+    def add_usage(self, model: str | None, usage: Usage) -> None:
+        """Tokens and cost of a call (a stream reports them after its call was recorded)."""
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        self.tokens_in += prompt
+        self.tokens_out += completion
+        price = self.prices.get(model or "")
+        if price is not None:
+            self.cost += (prompt * price.input + completion * price.output) / 1e6
 
     @property
     def count(self) -> int:
@@ -193,6 +199,9 @@ class Metrics:
             raise
         timing = response.timing
         status = response.status
+        if response.stream is not None and status == 200:
+            add = functools.partial(self.aggregator.add_usage, model)
+            response = attrs.evolve(response, stream=UsageStream(response.stream, add))
         self.aggregator.record(
             start,
             self._clock(),

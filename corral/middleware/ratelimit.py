@@ -28,7 +28,8 @@ from corral.core.compose import Clock, Handler, current_time
 from corral.core.errors import RequestTooLarge
 from corral.core.models import Request, Response
 from corral.core.tokens import EstimatingCounter, TokenCounter, estimate_request_tokens
-from corral.core.wire import response_usage
+from corral.core.wire import Usage, response_usage
+from corral.streams import UsageStream
 
 __all__ = [
     "Bucket",
@@ -297,9 +298,16 @@ class RateLimit:
         limits = parse_rate_limit_headers(response.headers)
         if limits.present:
             policy.resync(now, limits.remaining_requests, limits.remaining_tokens)
-        if response.status == 200:
+        if response.status == 200 and response.stream is not None:
+            settle = functools.partial(self._settle_stream, queue, reserved)
+            response = attrs.evolve(response, stream=UsageStream(response.stream, settle))
+        elif response.status == 200:
             usage = response_usage(response)
             if usage is not None:
                 policy.settle(now, reserved, usage.total_tokens)
         queue.wake_head()
         return response
+
+    def _settle_stream(self, queue: _KeyQueue, reserved: int, usage: Usage) -> None:
+        queue.policy.settle(self._clock(), reserved, usage.total_tokens)
+        queue.wake_head()
