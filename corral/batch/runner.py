@@ -218,7 +218,7 @@ class BatchRunner:
                 continue
             if isinstance(item, BadLine):
                 message = f"{item.where(source)}: {item.reason}"
-                log.warning("bad input line %s", message)
+                log.debug("bad input line %s", message)  # preflight() lists them for the user
                 line = _line(custom_id, None, _error("invalid_input", message))
                 await send.send((line, "invalid_input"))
                 continue
