@@ -130,9 +130,9 @@ class ProgressView:
         if self._rich is not None:
             self._rich.update(self._task, completed=done, stats=stats)
         else:
-            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "-"
             print(
-                f"corral: {done}/{self.total}  {stats}  ETA {eta:.0f}s",
+                f"corral: {done}/{self.total}  {stats}  ETA {eta}",
                 file=self._stream,
                 flush=True,
             )
