@@ -58,7 +58,7 @@ def test_four_processes_share_one_quota_with_skewed_clocks(redis_url: str) -> No
     limit, window, duration = 60, 3.0, 9.0
     name = uuid.uuid4().hex
     with serve_in_thread(EmulatorConfig(rpm=limit, window=window)) as emu:
-        start_at = time.time() + 3.0  # after every child has started its interpreter
+        start_at = time.time() + 5.0  # after every child has started its interpreter
         end_at = start_at + duration
         procs = [
             subprocess.Popen(
