@@ -25,6 +25,23 @@ from _common import CLIENT_CPU, emulator_counts, emulator_process, machine
 KEY = "sk-bench-0123456789"
 
 
+def corral_run(source: Path, out: Path, url: str, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "corral.cli",
+        "run",
+        str(source),
+        "-o",
+        str(out),
+        "--base-url",
+        url,
+        "--no-progress",
+        "--json",
+        *flags,
+    ]
+
+
 def write_input(path: Path, n: int) -> None:
     with path.open("w") as f:
         for i in range(n):
@@ -102,22 +119,7 @@ def bench_run(n: int) -> None:
         write_input(source, n)
         with emulator_process() as url:
             wall, rss, _ = timed_child(
-                [
-                    sys.executable,
-                    "-m",
-                    "corral.cli",
-                    "run",
-                    str(source),
-                    "-o",
-                    str(out),
-                    "--base-url",
-                    url,
-                    "--concurrency",
-                    "256",
-                    "--no-progress",
-                    "--json",
-                ],
-                env={"OPENAI_API_KEY": KEY},
+                corral_run(source, out, url, "--concurrency", "256"), env={"OPENAI_API_KEY": KEY}
             )
     print("| requests | wall s | req/s | peak RSS MB |\n|---:|---:|---:|---:|")
     print(f"| {n:,} | {wall:.1f} | {n / wall:.0f} | {rss:.0f} |\n")
@@ -215,25 +217,9 @@ def bench_peers(n: int, rpm: int, tpm: int) -> None:
         source = Path(tmp) / "in.jsonl"
         write_input(source, n)
         runs = {
-            "corral run": lambda url, out: [
-                sys.executable,
-                "-m",
-                "corral.cli",
-                "run",
-                str(source),
-                "-o",
-                str(out),
-                "--base-url",
-                url,
-                "--rpm",
-                str(rpm),
-                "--tpm",
-                str(tpm),
-                "--concurrency",
-                "256",
-                "--no-progress",
-                "--json",
-            ],
+            "corral run": lambda url, out: corral_run(
+                source, out, url, "--rpm", str(rpm), "--tpm", str(tpm), "--concurrency", "256"
+            ),
             "cookbook (semaphore + token bucket, aiohttp)": lambda url, out: [
                 sys.executable,
                 "-c",

@@ -19,6 +19,7 @@ import anyio
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import CLIENT_CPU, emulator_counts, emulator_process, machine, pin_to
+from batch import write_input
 
 from corral.batch.runner import BatchOptions, BatchRunner
 from corral.client import Client, default_middleware
@@ -85,14 +86,7 @@ async def load(url: str, seconds: float) -> None:
 async def faults(url: str, n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source, out = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
-        with source.open("w") as f:
-            for i in range(n):
-                body = {
-                    "model": "gpt-4o-mini",
-                    "max_tokens": 8,
-                    "messages": [{"role": "user", "content": f"item {i}"}],
-                }
-                f.write(json.dumps({"custom_id": f"r{i}", "body": body}) + "\n")
+        write_input(source, n)
         transport = H11Transport(
             timeouts=Timeouts(connect=2, read=1.0, write=2, pool=30), max_connections=128
         )
