@@ -10,6 +10,7 @@ atheris stops with the input that caused it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import atheris
@@ -36,10 +37,8 @@ def one_input(data: bytes) -> None:
     parse_retry_after(headers, now_wall=0.0)
     classify(status, headers, raw)
     for decode in (decode_chat, decode_embeddings):
-        try:
+        with contextlib.suppress(errors.CorralError):
             decode(Response(status, headers, raw))
-        except errors.CorralError:
-            pass
     decoder = ChatStreamDecoder()
     try:
         decoder.feed(raw)
