@@ -27,9 +27,15 @@ class Gate:
         self.used = 0
         self._waiters: deque[anyio.Event] = deque()
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody is queued; never waits."""
         if self.used < self.limit and not self._waiters:
             self.used += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         handed = anyio.Event()
         self._waiters.append(handed)

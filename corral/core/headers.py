@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping
+
+from corral.core.errors import InvalidInput
 
 __all__ = ["SENSITIVE_HEADERS", "Headers", "redact"]
 
@@ -10,6 +13,13 @@ __all__ = ["SENSITIVE_HEADERS", "Headers", "redact"]
 SENSITIVE_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie", "set-cookie"}
 )
+
+
+# RFC 9110 section 5: a token for names; visible characters (and obs-text) with inner spaces
+# or tabs for values, so no CR, LF or NUL can smuggle in another header.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VCHAR = rb"[\x21-\x7e\x80-\xff]"
+_FIELD_VALUE = re.compile(rb"(?:%s(?:[ \t\x21-\x7e\x80-\xff]*%s)?)?" % (_VCHAR, _VCHAR))
 
 
 def redact(value: str) -> str:
@@ -74,14 +84,28 @@ class Headers:
         return self._items
 
     def raw(self) -> tuple[tuple[bytes, bytes], ...]:
-        """The fields as wire bytes; computed once (a request's headers are sent per attempt)."""
+        """The fields as wire bytes, checked against RFC 9110's field syntax.
+
+        Computed and checked once per instance (a client's headers go out with every request),
+        so a transport need not check them again per request. Raises ``InvalidInput`` naming
+        the field, e.g. for a value with a line break (header injection).
+        """
         try:
             return self._raw
         except AttributeError:
-            self._raw: tuple[tuple[bytes, bytes], ...] = tuple(
-                (k.encode("latin-1"), v.encode("latin-1")) for k, v in self._items
-            )
-            return self._raw
+            pass
+        raw = []
+        for name, value in self._items:
+            try:
+                wire = (name.encode("latin-1"), value.encode("latin-1"))
+            except UnicodeEncodeError:
+                wire = (b"", b"")
+            if not _FIELD_NAME.fullmatch(wire[0]) or not _FIELD_VALUE.fullmatch(wire[1]):
+                shown = redact(value) if name in SENSITIVE_HEADERS else value
+                raise InvalidInput(f"header {name!r} has an invalid name or value: {shown!r}")
+            raw.append(wire)
+        self._raw: tuple[tuple[bytes, bytes], ...] = tuple(raw)
+        return self._raw
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None

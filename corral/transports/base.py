@@ -39,6 +39,11 @@ class Origin:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == default else f"{host}:{self.port}"
 
+    @functools.cached_property
+    def host_bytes(self) -> bytes:
+        """The Host header as sent (IDNA for a non-ASCII name); computed once per origin."""
+        return self.host_header.encode("idna")
+
 
 @functools.lru_cache(maxsize=512)
 def split_url(url: str) -> tuple[Origin, str]:

@@ -13,6 +13,7 @@ small request; moving one deadline costs almost nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import select
@@ -28,6 +29,7 @@ from corral.core.compose import current_time
 from corral.core.headers import Headers
 from corral.core.models import Request, Response, Timeouts, Timing
 from corral.gate import Gate
+from corral.transports.asyncio_stream import AsyncioStream, open_asyncio_stream
 from corral.transports.base import Origin, split_url
 
 __all__ = ["H11Transport"]
@@ -82,6 +84,8 @@ class _Connection:
 
     def looks_closed(self) -> bool:
         """Did the server close (or write to) this idle connection? One non-blocking poll."""
+        if isinstance(self.stream, AsyncioStream):
+            return self.stream.looks_closed()
         if self.fd is None:
             return False
         try:
@@ -159,8 +163,9 @@ class H11Transport:
         lease: _Lease | None = None
         try:
             with watch.scope:
-                watch.start("pool", timeouts.pool)
-                await self._acquire(origin)
+                if not self._try_acquire(origin):  # arm the pool timer only when waiting
+                    watch.start("pool", timeouts.pool)
+                    await self._acquire(origin)
                 lease = _Lease(self, origin)
                 conn = lease.conn = await self._checkout(origin, timeouts, watch)
                 try:
@@ -201,13 +206,30 @@ class H11Transport:
 
     # -- pool -------------------------------------------------------------------------------
 
+    def _try_acquire(self, origin: Origin) -> bool:
+        """Take a slot (and the origin's) if both are free now, without waiting."""
+        if self._max_per_host is None:
+            return self._slots.try_acquire()
+        host_slots = self._host_gate(origin)
+        if not host_slots.try_acquire():
+            return False
+        if self._slots.try_acquire():
+            return True
+        host_slots.release()
+        return False
+
+    def _host_gate(self, origin: Origin) -> Gate:
+        host_slots = self._host_slots.get(origin)
+        if host_slots is None:
+            assert self._max_per_host is not None
+            host_slots = self._host_slots[origin] = Gate(self._max_per_host)
+        return host_slots
+
     async def _acquire(self, origin: Origin) -> None:
         if self._max_per_host is None:
             await self._slots.acquire()
             return
-        host_slots = self._host_slots.get(origin)
-        if host_slots is None:
-            host_slots = self._host_slots[origin] = Gate(self._max_per_host)
+        host_slots = self._host_gate(origin)
         await host_slots.acquire()
         try:
             await self._slots.acquire()
@@ -222,10 +244,9 @@ class H11Transport:
 
     async def _checkout(self, origin: Origin, timeouts: Timeouts, watch: _Watch) -> _Connection:
         idle = self._idle.get(origin)
-        now = self._clock()
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since < self._keepalive_expiry and not conn.looks_closed():
+            if self._clock() - conn.idle_since < self._keepalive_expiry and not conn.looks_closed():
                 return conn
             await self._discard(conn)
         return await self._connect(origin, timeouts, watch)
@@ -234,15 +255,18 @@ class H11Transport:
         if self._open >= self._max_connections:
             await self._evict_one_idle()
         watch.start("connect", timeouts.connect)
+        tls = None
+        if origin.scheme == "https":
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
+            tls = self._ssl_context
         try:
             stream: anyio.abc.ByteStream
-            if origin.scheme == "https":
+            if _on_asyncio():
+                stream = await open_asyncio_stream(origin.host, origin.port, tls)
+            elif tls is not None:
                 stream = await anyio.connect_tcp(
-                    origin.host,
-                    origin.port,
-                    tls=True,
-                    ssl_context=self._ssl_context,
-                    tls_standard_compatible=False,
+                    origin.host, origin.port, ssl_context=tls, tls_standard_compatible=False
                 )
             else:
                 stream = await anyio.connect_tcp(origin.host, origin.port)
@@ -285,23 +309,34 @@ class H11Transport:
         self, conn: _Connection, request: Request, target: str, timeouts: Timeouts, watch: _Watch
     ) -> tuple[int, Headers]:
         reused = conn.idle_since > 0
-        headers = [(b"host", conn.origin.host_header.encode())]
+        headers = [(b"host", conn.origin.host_bytes)]
         if request.body or request.method in ("POST", "PUT", "PATCH"):
             headers.append((b"content-length", str(len(request.body)).encode()))
         extra = request.headers
         if "host" in extra or "content-length" in extra:
             extra = extra.without("host").without("content-length")
-        headers.extend(extra.raw())
+        headers.extend(extra.raw())  # checked once per Headers: h11 need not re-check them
         try:
-            data = conn.h11.send(h11.Request(method=request.method, target=target, headers=headers))
+            head = h11.Request(
+                method=request.method.encode("ascii"),
+                target=target.encode("ascii"),
+                headers=headers,
+                _parsed=True,
+            )
+            data = conn.h11.send(head)
             if request.body:
                 data += conn.h11.send(h11.Data(data=request.body))
             data += conn.h11.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
+        except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
             raise errors.InvalidInput(f"cannot encode request: {exc}") from None
-        watch.start("write", timeouts.write)
+        stream = conn.stream
         try:
-            await conn.stream.send(data)
+            if not isinstance(stream, AsyncioStream):
+                watch.start("write", timeouts.write)
+                await stream.send(data)
+            elif stream.write(data):  # the kernel buffer is full: time the wait for it
+                watch.start("write", timeouts.write)
+                await stream.drain()
         except _NETWORK_ERRORS as exc:
             await self._discard(conn)
             if reused:
@@ -337,6 +372,14 @@ class H11Transport:
             raise _Stale
         conn.h11.receive_data(chunk)
         return chunk
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _next_event(conn: _Connection, problem: str) -> object:

@@ -1,0 +1,173 @@
+"""A lean anyio ``ByteStream`` over an asyncio ``Protocol``, for ``H11Transport`` on asyncio.
+
+anyio's own asyncio socket stream pauses and resumes the transport's reading around every
+``receive`` (two ``epoll_ctl`` calls) and yields to the loop once per ``send`` even when the
+write went straight out. For an HTTP client that sends one small request and then waits for
+the answer, those are a third of the transport's CPU. This stream keeps reading while its
+buffer is small, wakes the reader with one future, and only waits on ``send`` when the kernel
+buffer is full. Cancellation works as for any await: anyio's cancel scopes cancel the task.
+Under trio the transport uses anyio's streams, which are thin over trio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from typing import Any, cast
+
+import anyio
+import anyio.abc
+
+__all__ = ["AsyncioStream", "open_asyncio_stream"]
+
+# Stop reading from the socket while this many bytes wait unread (back-pressure on big bodies).
+_HIGH_WATER = 1 << 20
+
+
+class _Protocol(asyncio.Protocol):
+    __slots__ = (
+        "buffered",
+        "chunks",
+        "eof",
+        "error",
+        "loop",
+        "lost",
+        "reading_paused",
+        "transport",
+        "waiter",
+        "write_waiter",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.eof = self.lost = self.reading_paused = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.write_waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports quack like asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > _HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False  # let asyncio close the transport: HTTP/1.1 never half-closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.error = exc
+        self._wake()
+        if self.write_waiter is not None and not self.write_waiter.done():
+            self.write_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_waiter = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.write_waiter is not None and not self.write_waiter.done():
+            self.write_waiter.set_result(None)
+        self.write_waiter = None
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class AsyncioStream(anyio.abc.ByteStream):
+    """One TCP (or TLS) connection; one reader and one writer at a time, as HTTP/1.1 needs."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._closed = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        protocol = self._protocol
+        while not protocol.chunks:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if protocol.lost and protocol.error is not None:
+                raise anyio.BrokenResourceError from protocol.error
+            if protocol.eof or protocol.lost:
+                raise anyio.EndOfStream
+            protocol.waiter = protocol.loop.create_future()
+            try:
+                await protocol.waiter
+            finally:
+                protocol.waiter = None
+        chunk = protocol.chunks.popleft()
+        if len(chunk) > max_bytes:
+            chunk, rest = chunk[:max_bytes], chunk[max_bytes:]
+            protocol.chunks.appendleft(rest)
+        protocol.buffered -= len(chunk)
+        if protocol.reading_paused and protocol.buffered <= _HIGH_WATER // 4:
+            protocol.reading_paused = False
+            self._transport.resume_reading()
+        return chunk
+
+    async def send(self, item: bytes) -> None:
+        if self.write(item):
+            await self.drain()
+
+    def write(self, item: bytes) -> bool:
+        """Hand ``item`` to the kernel without waiting; True if ``drain`` must be awaited."""
+        protocol = self._protocol
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if protocol.lost or self._transport.is_closing():
+            raise anyio.BrokenResourceError from protocol.error
+        self._transport.write(item)
+        return protocol.write_waiter is not None
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark again."""
+        protocol = self._protocol
+        if protocol.write_waiter is not None:
+            await protocol.write_waiter
+        if protocol.lost:
+            raise anyio.BrokenResourceError from protocol.error
+
+    def looks_closed(self) -> bool:
+        """For an idle connection: has the peer closed it or sent something unasked?"""
+        protocol = self._protocol
+        return self._closed or protocol.lost or protocol.eof or bool(protocol.chunks)
+
+    async def send_eof(self) -> None:
+        self._transport.write_eof()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._transport.abort()
+
+    @property
+    def extra_attributes(self) -> dict[Any, Any]:
+        sock = self._transport.get_extra_info("socket")
+        return {anyio.abc.SocketAttribute.raw_socket: lambda: sock}
+
+
+async def open_asyncio_stream(
+    host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> AsyncioStream:
+    """Connect (TLS when ``ssl_context`` is given) on the running asyncio loop."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(
+        lambda: _Protocol(loop),
+        host,
+        port,
+        ssl=ssl_context,
+        server_hostname=host if ssl_context is not None else None,
+    )
+    return AsyncioStream(transport, protocol)
