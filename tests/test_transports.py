@@ -20,6 +20,19 @@ from tests.conftest import CANARY_KEY, TransportFactory
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    """Transports also run on uvloop, whose transports differ from asyncio's in small ways."""
+    return request.param
+
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
 
 
@@ -211,7 +224,9 @@ async def test_https_with_a_test_certificate(
             await untrusting(chat(emu.base_url))
 
 
-async def test_aiohttp_refuses_trio_clearly(anyio_backend: str, emulator: RunningEmulator) -> None:
+async def test_aiohttp_refuses_trio_clearly(
+    anyio_backend: object, emulator: RunningEmulator
+) -> None:
     if anyio_backend != "trio":
         pytest.skip("trio only")
     from corral.transports.aiohttp_transport import AiohttpTransport
@@ -272,7 +287,7 @@ async def test_redirects_are_not_followed_so_the_key_stays_home(
 
 
 async def test_h11_resends_once_on_a_pooled_connection_found_dead(
-    monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+    monkeypatch: pytest.MonkeyPatch, anyio_backend: object
 ) -> None:
     from corral.transports import http11
 
@@ -284,3 +299,68 @@ async def test_h11_resends_once_on_a_pooled_connection_found_dead(
             await anyio.sleep(0.4)  # the server closes the idle connection
             assert (await t(chat(emu.base_url))).status == 200
         assert emu.counts["received"] == 2 and emu.counts["connections"] == 2
+
+
+@pytest.fixture
+def big_body_server() -> Iterator[tuple[str, bytes]]:
+    """Answers every request with an 8 MB body sent as fast as the socket takes it."""
+    body = bytes(range(256)) * (8 * 4096)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                head, _, rest = request.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+                conn.sendall(body)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/v1", body
+    stop.set()
+    thread.join()
+    server.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_large_body_arrives_intact(
+    big_body_server: tuple[str, bytes], transport_factory: TransportFactory, stream: bool
+) -> None:
+    """8 MB, read whole or slowly in pieces (the transport must hold back, not drop, data)."""
+    base_url, expected = big_body_server
+    reply = await transport_factory()(chat(base_url, stream=stream))
+    if not stream:
+        assert reply.body == expected
+        return
+    assert reply.stream is not None
+    got = bytearray()
+    async for piece in reply.stream:
+        got += piece
+        if len(got) < 2_000_000:
+            await anyio.sleep(0.001)  # a slow reader: the socket fills and reading pauses
+    assert bytes(got) == expected
+
+
+async def test_header_injection_is_refused(
+    emulator: RunningEmulator, transport_name: str, transport_factory: TransportFactory
+) -> None:
+    request = chat(emulator.base_url)
+    evil = request.evolve(headers=request.headers.with_("x-note", "a\r\nx-injected: 1"))
+    with pytest.raises(errors.InvalidInput, match="x-note"):
+        await transport_factory()(evil)
+    assert emulator.counts.get("received", 0) == 0

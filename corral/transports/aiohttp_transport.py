@@ -82,6 +82,7 @@ class AiohttpTransport:
 
     async def __call__(self, request: Request) -> Response:
         session = self._get_session()
+        request.headers.raw()  # InvalidInput for a bad header, as on every transport (cached)
         timeouts = request.options.timeouts or self._timeouts
         started = self._clock()
         try:

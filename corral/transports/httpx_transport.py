@@ -69,6 +69,7 @@ class HttpxTransport:
 
     async def __call__(self, request: Request) -> Response:
         timeouts = request.options.timeouts or self._timeouts
+        request.headers.raw()  # InvalidInput for a bad header, as on every transport (cached)
         started = self._clock()
         try:
             built = self._client.build_request(
