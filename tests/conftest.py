@@ -31,7 +31,7 @@ def emulator() -> Iterator[RunningEmulator]:
 
 TransportFactory = Callable[..., Transport]
 
-TRANSPORTS = ["h11", "httpx", "aiohttp"]
+TRANSPORTS = ["h11", "httpx", "httpx2", "aiohttp"]
 
 
 def make_transport(name: str, **kwargs: Any) -> Transport:
@@ -40,10 +40,10 @@ def make_transport(name: str, **kwargs: Any) -> Transport:
         from corral.transports.http11 import H11Transport
 
         return H11Transport(**kwargs)
-    if name == "httpx":
+    if name in ("httpx", "httpx2"):
         from corral.transports.httpx_transport import HttpxTransport
 
-        return HttpxTransport(**kwargs)
+        return HttpxTransport(package=name, **kwargs)
     from corral.transports.aiohttp_transport import AiohttpTransport
 
     return AiohttpTransport(**kwargs)
