@@ -35,6 +35,7 @@ from corral.transports.base import Origin, split_url
 __all__ = ["H11Transport"]
 
 _READ_SIZE = 65536
+_END = h11.EndOfMessage()  # events are immutable; one serves every request
 _NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
 _TIMEOUTS: dict[str, type[errors.TimeoutError_]] = {
     "pool": errors.PoolTimeout,
@@ -326,7 +327,7 @@ class H11Transport:
             data = conn.h11.send(head)
             if request.body:
                 data += conn.h11.send(h11.Data(data=request.body))
-            data += conn.h11.send(h11.EndOfMessage())
+            data += conn.h11.send(_END)
         except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
             raise errors.InvalidInput(f"cannot encode request: {exc}") from None
         stream = conn.stream
