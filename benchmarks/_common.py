@@ -26,6 +26,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_EMULATOR_PIDS: dict[str, int] = {}
+
+
+def emulator_cpu_seconds(url: str) -> float:
+    """CPU time used so far by the emulator serving ``url`` (from /proc; Linux only)."""
+    with open(f"/proc/{_EMULATOR_PIDS[url]}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def emulator_process(*extra: str) -> Iterator[str]:
     """``corral serve`` in a subprocess pinned to the other core; yields its base URL."""
@@ -34,6 +44,7 @@ def emulator_process(*extra: str) -> Iterator[str]:
     if os.cpu_count() and os.cpu_count() > SERVER_CPU:  # type: ignore[operator]
         cmd = ["taskset", "-c", str(SERVER_CPU), *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _EMULATOR_PIDS[f"http://127.0.0.1:{port}/v1"] = proc.pid
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
