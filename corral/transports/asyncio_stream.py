@@ -29,6 +29,7 @@ class _Protocol(asyncio.Protocol):
     __slots__ = (
         "buffered",
         "chunks",
+        "drain_waiter",
         "eof",
         "error",
         "loop",
@@ -36,7 +37,7 @@ class _Protocol(asyncio.Protocol):
         "reading_paused",
         "transport",
         "waiter",
-        "write_waiter",
+        "write_paused",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -44,10 +45,11 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
-        self.eof = self.lost = self.reading_paused = False
+        self.eof = self.lost = self.reading_paused = self.write_paused = False
         self.error: BaseException | None = None
+        # One fresh future per wait: asyncio cancels the future a cancelled task awaited.
         self.waiter: asyncio.Future[None] | None = None
-        self.write_waiter: asyncio.Future[None] | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -70,20 +72,22 @@ class _Protocol(asyncio.Protocol):
         self.lost = True
         self.error = exc
         self._wake()
-        if self.write_waiter is not None and not self.write_waiter.done():
-            self.write_waiter.set_result(None)
+        self._wake_drain()
 
     def pause_writing(self) -> None:
-        self.write_waiter = self.loop.create_future()
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        if self.write_waiter is not None and not self.write_waiter.done():
-            self.write_waiter.set_result(None)
-        self.write_waiter = None
+        self.write_paused = False
+        self._wake_drain()
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+    def _wake_drain(self) -> None:
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
 
 
 class AsyncioStream(anyio.abc.ByteStream):
@@ -130,13 +134,17 @@ class AsyncioStream(anyio.abc.ByteStream):
         if protocol.lost or self._transport.is_closing():
             raise anyio.BrokenResourceError from protocol.error
         self._transport.write(item)
-        return protocol.write_waiter is not None
+        return protocol.write_paused
 
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark again."""
         protocol = self._protocol
-        if protocol.write_waiter is not None:
-            await protocol.write_waiter
+        while protocol.write_paused and not protocol.lost:
+            protocol.drain_waiter = protocol.loop.create_future()
+            try:
+                await protocol.drain_waiter
+            finally:
+                protocol.drain_waiter = None
         if protocol.lost:
             raise anyio.BrokenResourceError from protocol.error
 

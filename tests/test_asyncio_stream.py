@@ -1,0 +1,127 @@
+"""The asyncio stream under H11Transport: back-pressure both ways, closes, on asyncio and uvloop."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import anyio
+import pytest
+
+from corral.transports import asyncio_stream
+from corral.transports.asyncio_stream import open_asyncio_stream
+
+pytestmark = pytest.mark.anyio
+
+BIG = bytes(range(256)) * (16 * 1024)  # 4 MiB, four times the read high-water mark
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    return request.param
+
+
+@pytest.fixture
+def peer() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A listening socket; accepted connections are handed to the test to drive by hand."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        conn, _ = server.accept()
+        accepted.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], accepted
+    thread.join(timeout=5)
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll state that changes in another thread or a protocol callback (no event to wait on)."""
+    with anyio.fail_after(5):
+        for _ in range(500):
+            if condition():
+                return
+            await anyio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def _accepted(accepted: list[socket.socket]) -> socket.socket:
+    await _until(lambda: bool(accepted))
+    return accepted[0]
+
+
+async def test_reading_pauses_while_unread_data_piles_up(
+    peer: tuple[int, list[socket.socket]],
+) -> None:
+    port, accepted = peer
+    stream = await open_asyncio_stream("127.0.0.1", port, None)
+    conn = await _accepted(accepted)
+    sender = threading.Thread(target=conn.sendall, args=(BIG,), daemon=True)
+    sender.start()
+    protocol = stream._protocol
+    await _until(lambda: protocol.reading_paused)
+    assert protocol.buffered <= asyncio_stream._HIGH_WATER + 65536 * 4
+    got = bytearray()
+    with anyio.fail_after(10):
+        while len(got) < len(BIG):
+            got += await stream.receive()
+    assert bytes(got) == BIG and not protocol.reading_paused
+    sender.join(timeout=5)
+    await stream.aclose()
+
+
+async def test_send_waits_for_a_peer_that_does_not_read(
+    peer: tuple[int, list[socket.socket]],
+) -> None:
+    port, accepted = peer
+    stream = await open_asyncio_stream("127.0.0.1", port, None)
+    conn = await _accepted(accepted)
+    payload = BIG * 8  # 32 MiB: more than the kernel buffers hold
+    assert stream.write(payload) is True  # the transport's buffer is over its high-water mark
+    with anyio.move_on_after(0.3) as waited:
+        await stream.drain()
+    assert waited.cancelled_caught  # nobody reads: drain keeps waiting, and can be cancelled
+
+    def read_all() -> int:
+        total = 0
+        while total < len(payload):
+            total += len(conn.recv(1 << 20))
+        return total
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    with anyio.fail_after(10):
+        await stream.drain()
+    reader.join(timeout=10)
+    await stream.aclose()
+
+
+async def test_peer_close_is_seen_when_idle_and_ends_the_stream(
+    peer: tuple[int, list[socket.socket]],
+) -> None:
+    port, accepted = peer
+    stream = await open_asyncio_stream("127.0.0.1", port, None)
+    conn = await _accepted(accepted)
+    assert not stream.looks_closed()
+    conn.sendall(b"tail")
+    conn.close()
+    await _until(stream.looks_closed)
+    assert await stream.receive() == b"tail"  # data before the close is still delivered
+    with pytest.raises(anyio.EndOfStream):
+        await stream.receive()
+    await stream.aclose()
+    with pytest.raises(anyio.ClosedResourceError):
+        await stream.send(b"x")
