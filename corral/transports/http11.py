@@ -318,6 +318,8 @@ class H11Transport:
             extra = extra.without("host").without("content-length")
         headers.extend(extra.raw())  # checked once per Headers: h11 need not re-check them
         try:
+            # _parsed=True is h11's flag for headers already validated (it uses it for what it
+            # parsed itself); method and target are still checked. Tested with h11 0.14-0.16.
             head = h11.Request(
                 method=request.method.encode("ascii"),
                 target=target.encode("ascii"),
