@@ -80,7 +80,7 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="drop old turns / trim to fit each model's context window",
     )
-    g.add_argument("--transport", choices=["h11", "httpx", "aiohttp"], default="h11")
+    g.add_argument("--transport", choices=["h11", "httpx", "httpx2", "aiohttp"], default="h11")
     g.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
 
 
@@ -151,10 +151,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _transport(name: str, timeout: float) -> Transport:
     timeouts = Timeouts(connect=10, read=timeout, write=30, pool=timeout)
-    if name == "httpx":
+    if name in ("httpx", "httpx2"):
         from corral.transports.httpx_transport import HttpxTransport
 
-        return HttpxTransport(timeouts=timeouts, max_connections=1000)
+        return HttpxTransport(package=name, timeouts=timeouts, max_connections=1000)
     if name == "aiohttp":
         from corral.transports.aiohttp_transport import AiohttpTransport
 
