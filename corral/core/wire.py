@@ -114,7 +114,7 @@ class Usage(NamedTuple):
 
     @classmethod
     def parse(cls, raw: Any) -> Usage | None:
-        if not isinstance(raw, Mapping):
+        if type(raw) is not dict and not isinstance(raw, Mapping):  # dict first: ABC checks cost
             return None
         # ``type(x) is int`` rather than isinstance: a bool is not a count (and this is hot).
         prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
@@ -134,7 +134,7 @@ def response_usage(response: Response) -> Usage | None:
             data = response.json()
         except jsonlib.JSONDecodeError:
             data = None
-        cache["usage"] = Usage.parse(data.get("usage")) if isinstance(data, Mapping) else None
+        cache["usage"] = Usage.parse(data.get("usage")) if type(data) is dict else None
     usage: Usage | None = cache["usage"]
     return usage
 

@@ -13,6 +13,7 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Mapping
+from math import log as _log
 from typing import Any
 
 import attrs
@@ -50,16 +51,29 @@ DEFAULT_PRICES: Mapping[str, Price] = {
 class Histogram:
     """Log-bucketed histogram of positive values: bucket i covers [min*g^i, min*g^(i+1))."""
 
+    __slots__ = (
+        "_growth",
+        "_log_g",
+        "_log_min",
+        "_min",
+        "_per_log",
+        "count",
+        "counts",
+        "max",
+        "total",
+    )
+
     def __init__(self, minimum: float = 1e-5, growth: float = 1.04) -> None:
         self._min, self._log_g = minimum, math.log(growth)
+        self._log_min, self._per_log = math.log(minimum), 1 / self._log_g
         self._growth = growth
-        self.counts: Counter[int] = Counter()
+        self.counts: dict[int, int] = {}
         self.count = 0
         self.total = 0.0
         self.max = 0.0
 
     def add(self, value: float) -> None:
-        index = 0 if value <= self._min else int(math.log(value / self._min) / self._log_g) + 1
+        index = 0 if value <= self._min else int((_log(value) - self._log_min) * self._per_log) + 1
         counts = self.counts
         counts[index] = counts.get(index, 0) + 1
         self.count += 1
