@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
 import pytest
 
 from corral.transports import asyncio_stream
-from corral.transports.asyncio_stream import open_asyncio_stream
+from corral.transports.asyncio_stream import AsyncioStream, open_asyncio_stream
 
 pytestmark = pytest.mark.anyio
 
@@ -58,17 +58,22 @@ async def _until(condition: Callable[[], bool]) -> None:
     raise AssertionError("condition not reached")
 
 
-async def _accepted(accepted: list[socket.socket]) -> socket.socket:
+@pytest.fixture
+async def connected(
+    peer: tuple[int, list[socket.socket]],
+) -> AsyncIterator[tuple[AsyncioStream, socket.socket]]:
+    """Our stream and the peer's end of the same connection."""
+    port, accepted = peer
+    stream = await open_asyncio_stream("127.0.0.1", port, None)
     await _until(lambda: bool(accepted))
-    return accepted[0]
+    yield stream, accepted[0]
+    await stream.aclose()
 
 
 async def test_reading_pauses_while_unread_data_piles_up(
-    peer: tuple[int, list[socket.socket]],
+    connected: tuple[AsyncioStream, socket.socket],
 ) -> None:
-    port, accepted = peer
-    stream = await open_asyncio_stream("127.0.0.1", port, None)
-    conn = await _accepted(accepted)
+    stream, conn = connected
     sender = threading.Thread(target=conn.sendall, args=(BIG,), daemon=True)
     sender.start()
     protocol = stream._protocol
@@ -80,15 +85,12 @@ async def test_reading_pauses_while_unread_data_piles_up(
             got += await stream.receive()
     assert bytes(got) == BIG and not protocol.reading_paused
     sender.join(timeout=5)
-    await stream.aclose()
 
 
 async def test_send_waits_for_a_peer_that_does_not_read(
-    peer: tuple[int, list[socket.socket]],
+    connected: tuple[AsyncioStream, socket.socket],
 ) -> None:
-    port, accepted = peer
-    stream = await open_asyncio_stream("127.0.0.1", port, None)
-    conn = await _accepted(accepted)
+    stream, conn = connected
     payload = BIG * 8  # 32 MiB: more than the kernel buffers hold
     assert stream.write(payload) is True  # the transport's buffer is over its high-water mark
     with anyio.move_on_after(0.3) as waited:
@@ -106,15 +108,12 @@ async def test_send_waits_for_a_peer_that_does_not_read(
     with anyio.fail_after(10):
         await stream.drain()
     reader.join(timeout=10)
-    await stream.aclose()
 
 
 async def test_peer_close_is_seen_when_idle_and_ends_the_stream(
-    peer: tuple[int, list[socket.socket]],
+    connected: tuple[AsyncioStream, socket.socket],
 ) -> None:
-    port, accepted = peer
-    stream = await open_asyncio_stream("127.0.0.1", port, None)
-    conn = await _accepted(accepted)
+    stream, conn = connected
     assert not stream.looks_closed()
     conn.sendall(b"tail")
     conn.close()

@@ -43,11 +43,9 @@ def _error_map(
 
 
 def map_httpx_error(
-    exc: Exception, *, request_sent: bool, module: ModuleType | None = None
+    exc: Exception, *, request_sent: bool, module: ModuleType
 ) -> errors.TransportError:
-    """The corral error for an httpx (or httpx2) exception; backend errors never leak."""
-    if module is None:
-        module = importlib.import_module(type(exc).__module__.partition(".")[0])
+    """The corral error for an exception of ``module`` (httpx or httpx2); none leaks."""
     for source, target in _error_map(module):
         if isinstance(exc, source):
             sent = request_sent and target is not errors.ConnectError
