@@ -16,13 +16,15 @@
     │   ├── RequestTimeoutError        408                                     (retryable)
     │   ├── RateLimited                429, with retry_after                   (retryable)
     │   └── ServerError                5xx                                     (retryable)
-    ├── MalformedResponse              a body or stream corral cannot decode
+    ├── MalformedResponse              a body or stream corral cannot decode  (retryable)
+    │   └── ResponseTooLarge           a body (max_response_bytes), SSE line or event over a cap
     ├── RequestTooLarge                cost exceeds what a limiter could ever admit
     ├── DeadlineExceeded               the call's deadline passed
     ├── CircuitOpen                    the breaker is refusing calls for a while
     └── InvalidInput                   bad user input (a JSONL line, a flag)
 
-No error ever carries a credential: messages come from the provider's body and our own text.
+No error ever carries a credential: provider text passes ``classify.scrub`` (with the keys the
+client sent) before it becomes part of a message.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "RemoteProtocolError",
     "RequestTimeoutError",
     "RequestTooLarge",
+    "ResponseTooLarge",
     "ServerError",
     "TimeoutError_",
     "TransportError",
@@ -232,6 +235,24 @@ class MalformedResponse(CorralError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ResponseTooLarge(MalformedResponse):
+    """The server sent more than a cap allows: a body over the transport's ``max_response_bytes``,
+    an SSE line or event over the parser's ``max_event_size``.
+
+    Not retryable: the same call would most likely bring the same oversized answer.
+    """
+
+    kind = "response_too_large"
+    retryable = False
+
+    def __init__(
+        self, message: str, *, limit: int | None = None, status: int | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        #: The cap that was passed, in the unit the message names, when the raiser states it.
+        self.limit = limit
 
 
 class RequestTooLarge(CorralError):
