@@ -8,15 +8,19 @@ request is sent once more on a fresh connection (the server cannot have answered
 
 Timeouts: one cancel scope per attempt whose deadline moves as the attempt passes through its
 phases (pool, connect, write, read). A scope per socket read would cost a fifth of the CPU of a
-small request; moving one deadline costs almost nothing.
+small request; moving one deadline costs almost nothing. The wait for the response head is one
+read timeout in total, however many ``1xx`` come first.
+
+Bodies: sent with ``Accept-Encoding: identity`` and never inflated (an encoded body is refused);
+at most ``max_response_bytes``. A connection is pooled again only when nothing unread follows
+the response, so bytes a server sends past its answer never become the next request's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import select
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 
@@ -30,47 +34,32 @@ from corral.core.headers import Headers
 from corral.core.models import Request, Response, Timeouts, Timing
 from corral.gate import Gate
 from corral.transports.asyncio_stream import AsyncioStream, open_asyncio_stream
-from corral.transports.base import Origin, split_url
+from corral.transports.base import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    BodyLimit,
+    Origin,
+    PhaseWatch,
+    check_head,
+    connect_failure,
+    scrub,
+    split_url,
+)
 
 __all__ = ["H11Transport"]
 
 _READ_SIZE = 65536
 _END = h11.EndOfMessage()  # events are immutable; one serves every request
 _NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
-_TIMEOUTS: dict[str, type[errors.TimeoutError_]] = {
-    "pool": errors.PoolTimeout,
-    "connect": errors.ConnectTimeout,
-    "write": errors.WriteTimeout,
-    "read": errors.ReadTimeout,
-}
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_IDENTITY = (b"accept-encoding", b"identity")
 
 
 class _Stale(Exception):
     """A reused connection failed before any response byte: safe to send again."""
 
 
-class _Watch:
-    """The attempt's cancel scope and the phase whose deadline it currently carries."""
-
-    __slots__ = ("limit", "phase", "scope")
-
-    def __init__(self) -> None:
-        self.scope = anyio.CancelScope()
-        self.phase = "pool"
-        self.limit: float | None = None
-
-    def start(self, phase: str, seconds: float | None) -> None:
-        self.phase, self.limit = phase, seconds
-        self.scope.deadline = math.inf if seconds is None else current_time() + seconds
-
-    def error(self) -> errors.TimeoutError_:
-        kind = _TIMEOUTS[self.phase]
-        sent = self.phase == "read"
-        return kind(f"{self.phase} phase took over {self.limit}s", request_sent=sent)
-
-
 class _Connection:
-    __slots__ = ("closed", "fd", "h11", "idle_since", "origin", "stream")
+    __slots__ = ("closed", "h11", "idle_since", "origin", "sock", "stream")
 
     def __init__(self, origin: Origin, stream: anyio.abc.ByteStream) -> None:
         self.origin = origin
@@ -79,21 +68,26 @@ class _Connection:
         self.idle_since = 0.0
         self.closed = False
         try:
-            self.fd: int | None = stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+            self.sock: socket.socket | None = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         except anyio.TypedAttributeLookupError:
-            self.fd = None
+            self.sock = None
 
     def looks_closed(self) -> bool:
-        """Did the server close (or write to) this idle connection? One non-blocking poll."""
+        """Did the server close (or write to) this idle connection? One non-blocking peek.
+
+        A peek rather than ``select``, which fails for descriptors >= 1024.
+        """
         if isinstance(self.stream, AsyncioStream):
             return self.stream.looks_closed()
-        if self.fd is None:
+        if self.sock is None:
             return False
         try:
-            readable, _, _ = select.select([self.fd], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+            self.sock.recv(1, _PEEK)  # b"" (closed) or bytes nobody asked for: unusable
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True
 
     async def aclose(self) -> None:
         self.closed = True
@@ -133,6 +127,7 @@ class H11Transport:
         max_per_host: int | None = None,
         keepalive_expiry: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         clock: Callable[[], float] = current_time,
     ) -> None:
         if max_connections < 1 or (max_per_host is not None and max_per_host < 1):
@@ -143,6 +138,7 @@ class H11Transport:
         self._keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
         self._clock = clock
+        self._max_response_bytes = max_response_bytes
         self._slots = Gate(max_connections)
         self._host_slots: dict[Origin, Gate] = {}
         self._idle: dict[Origin, list[_Connection]] = {}
@@ -160,7 +156,7 @@ class H11Transport:
         origin, target = split_url(request.url)
         timeouts = request.options.timeouts or self._timeouts
         started = self._clock()
-        watch = _Watch()
+        watch = PhaseWatch()
         lease: _Lease | None = None
         try:
             with watch.scope:
@@ -175,7 +171,8 @@ class H11Transport:
                     conn = lease.conn = await self._connect(origin, timeouts, watch)
                     status, headers = await self._exchange(conn, request, target, timeouts, watch)
                 first_byte = self._clock()
-                body = _Body(lease, timeouts)
+                check_head(status, headers, self._max_response_bytes)
+                body = _Body(lease, timeouts, request.headers, self._max_response_bytes)
                 if request.options.stream:
                     return Response(
                         status, headers, stream=body, timing=Timing(started, first_byte)
@@ -183,6 +180,10 @@ class H11Transport:
                 data = await body.read_all(watch)
                 timing = Timing(started, first_byte, self._clock())
                 return Response(status, headers, data, timing=timing)
+        except errors.CorralError as exc:
+            if lease is not None:
+                await lease.finish(reusable=False)
+            raise scrub(exc, request.headers) from None
         except BaseException:
             if lease is not None:
                 await lease.finish(reusable=False)
@@ -243,7 +244,7 @@ class H11Transport:
         if self._max_per_host is not None:
             self._host_slots[origin].release()
 
-    async def _checkout(self, origin: Origin, timeouts: Timeouts, watch: _Watch) -> _Connection:
+    async def _checkout(self, origin: Origin, timeouts: Timeouts, watch: PhaseWatch) -> _Connection:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
@@ -252,7 +253,7 @@ class H11Transport:
             await self._discard(conn)
         return await self._connect(origin, timeouts, watch)
 
-    async def _connect(self, origin: Origin, timeouts: Timeouts, watch: _Watch) -> _Connection:
+    async def _connect(self, origin: Origin, timeouts: Timeouts, watch: PhaseWatch) -> _Connection:
         if self._open >= self._max_connections:
             await self._evict_one_idle()
         watch.start("connect", timeouts.connect)
@@ -272,7 +273,7 @@ class H11Transport:
             else:
                 stream = await anyio.connect_tcp(origin.host, origin.port)
         except (OSError, ssl.SSLError) as exc:
-            raise errors.ConnectError(f"cannot connect to {origin.host_header}: {exc}") from None
+            raise connect_failure(f"cannot connect to {origin.host_header}: {exc}", exc) from None
         self._open += 1
         return _Connection(origin, stream)
 
@@ -297,6 +298,7 @@ class H11Transport:
             and not self._closed
             and conn.h11.our_state is h11.DONE
             and conn.h11.their_state is h11.DONE
+            and not any(conn.h11.trailing_data)  # bytes past the response, or EOF: never reuse
         ):
             conn.h11.start_next_cycle()
             conn.idle_since = self._clock()
@@ -307,10 +309,17 @@ class H11Transport:
     # -- one exchange -----------------------------------------------------------------------
 
     async def _exchange(
-        self, conn: _Connection, request: Request, target: str, timeouts: Timeouts, watch: _Watch
+        self,
+        conn: _Connection,
+        request: Request,
+        target: str,
+        timeouts: Timeouts,
+        watch: PhaseWatch,
     ) -> tuple[int, Headers]:
         reused = conn.idle_since > 0
         headers = [(b"host", conn.origin.host_bytes)]
+        if "accept-encoding" not in request.headers:
+            headers.append(_IDENTITY)
         if request.body or request.method in ("POST", "PUT", "PATCH"):
             headers.append((b"content-length", str(len(request.body)).encode()))
         extra = request.headers
@@ -396,11 +405,15 @@ def _next_event(conn: _Connection, problem: str) -> object:
 class _Body:
     """The response body of one exchange; finishing or closing it returns the connection."""
 
-    def __init__(self, lease: _Lease, timeouts: Timeouts) -> None:
+    def __init__(
+        self, lease: _Lease, timeouts: Timeouts, request_headers: Headers, max_bytes: int
+    ) -> None:
         assert lease.conn is not None
         self._lease = lease
         self._conn = lease.conn
         self._timeouts = timeouts
+        self._request_headers = request_headers
+        self._limit = BodyLimit(max_bytes)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._stream()
@@ -409,10 +422,12 @@ class _Body:
         try:
             while (chunk := await self.next_chunk(None)) is not None:
                 yield chunk
+        except errors.CorralError as exc:
+            raise scrub(exc, self._request_headers) from None
         finally:
             await self._lease.finish(reusable=False)  # no-op when already finished
 
-    async def read_all(self, watch: _Watch) -> bytes:
+    async def read_all(self, watch: PhaseWatch) -> bytes:
         """The whole body, its reads timed by the attempt's scope (no generator: a hot path)."""
         chunks = []
         try:
@@ -422,7 +437,7 @@ class _Body:
             await self._lease.finish(reusable=False)  # no-op when already finished
         return b"".join(chunks)
 
-    async def next_chunk(self, watch: _Watch | None) -> bytes | None:
+    async def next_chunk(self, watch: PhaseWatch | None) -> bytes | None:
         """The next piece of the body, or None at its end (the connection then goes back).
 
         With ``watch`` the caller's scope times the reads; without, each read has its own.
@@ -444,6 +459,7 @@ class _Body:
                         f"no body data for {read}s", request_sent=True
                     ) from None
             elif isinstance(event, h11.Data):
+                self._limit.add(len(event.data))
                 return bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 await self._lease.finish(reusable=True)
