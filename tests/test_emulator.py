@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 
 import pytest
 
 from corral.core import Headers, Response, decode_chat, decode_embeddings, errors, parse_retry_after
 from corral.core.classify import parse_rate_limit_headers
-from corral.testing.emulator import Emulator, EmulatorConfig, Fault
+from corral.testing.emulator import DEFAULT_MODELS, Emulator, EmulatorConfig, Fault
 
 KEY = {"authorization": "Bearer sk-test"}
 
@@ -16,8 +18,6 @@ KEY = {"authorization": "Bearer sk-test"}
 def call(
     emu: Emulator, body: dict[str, object], now: float = 0.0, path: str = "/v1/chat/completions"
 ) -> Response:
-    import json
-
     plan = emu.handle(now, "POST", path, KEY, json.dumps(body).encode())
     return Response(plan.status, Headers(plan.headers), plan.body)
 
@@ -56,7 +56,7 @@ def test_tpm_counts_prompt_and_completion_tokens() -> None:
 
 
 def test_context_window_exceeded_names_the_numbers() -> None:
-    emu = Emulator()
+    emu = Emulator(EmulatorConfig(models=frozenset({"small-model"})))
     reply = call(emu, {**chat_body("x " * 10_000), "model": "small-model", "max_tokens": 100})
     with pytest.raises(errors.ContextLengthExceeded) as info:
         decode_chat(reply)
@@ -87,7 +87,7 @@ def test_embeddings_are_deterministic_and_similar_texts_are_close() -> None:
     emu = Emulator()
 
     def vec(text: str) -> tuple[float, ...]:
-        reply = call(emu, {"model": "e", "input": text}, path="/v1/embeddings")
+        reply = call(emu, {"model": "text-embedding-3-small", "input": text}, path="/v1/embeddings")
         return decode_embeddings(reply).vectors[0]
 
     a, b, c = (
@@ -104,3 +104,67 @@ def test_bad_bodies_get_400() -> None:
     emu = Emulator()
     assert emu.handle(0, "POST", "/v1/chat/completions", KEY, b"{nope").status == 400
     assert call(emu, {"messages": []}).status == 400
+
+
+def test_unknown_routes_get_404_naming_the_real_ones() -> None:
+    emu = Emulator()
+    for method, path in [
+        ("POST", "/v1/chat/completion"),
+        ("POST", "/chat/completions"),
+        ("POST", "/v2/chat/completions"),
+        ("POST", "/openai/deployments/x/chat/completions"),
+        ("GET", "/v1/chat/completions"),
+        ("DELETE", "/v1/models"),
+    ]:
+        plan = emu.handle(0, method, path, KEY, json.dumps(chat_body()).encode())
+        assert plan.status == 404, path
+        error = json.loads(plan.body)["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] is None
+        assert f"Invalid URL ({method} {path})" in error["message"]
+        for route in ("POST /v1/chat/completions", "POST /v1/embeddings", "GET /v1/models"):
+            assert route in error["message"]
+    assert call(emu, chat_body(), path="/v1/chat/completions?x=1").status == 200
+
+
+def test_unknown_model_is_model_not_found_in_openais_shape() -> None:
+    emu = Emulator()
+    plan = emu.handle(0, "POST", "/v1/chat/completions", KEY, json.dumps(chat_body()).encode())
+    assert plan.status == 200
+    for path, body in [
+        ("/v1/chat/completions", chat_body(model="gpt-4o-mnii")),
+        ("/v1/embeddings", {"model": "text-embeding-3-small", "input": "x"}),
+    ]:
+        reply = call(emu, body, path=path)
+        assert reply.status == 404
+        model = body["model"]
+        assert json.loads(reply.body) == {
+            "error": {
+                "message": f"The model `{model}` does not exist or you do not have access to it.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "model_not_found",
+            }
+        }
+        with pytest.raises(errors.NotFoundError, match=f"`{model}` does not exist"):
+            decode_chat(reply)
+
+
+def test_default_models_are_real_ones_and_include_the_demos() -> None:
+    from corral.demo import write_reviews
+
+    assert {"gpt-4o-mini", "gpt-4.1-mini", "text-embedding-3-small"} <= DEFAULT_MODELS
+    assert "m" not in DEFAULT_MODELS and "small-model" not in DEFAULT_MODELS
+    assert "model" in inspect.signature(write_reviews).parameters
+    demo_model = inspect.signature(write_reviews).parameters["model"].default
+    assert demo_model in DEFAULT_MODELS
+    listed = json.loads(Emulator().handle(0, "GET", "/v1/models", KEY, b"").body)
+    assert {m["id"] for m in listed["data"]} == DEFAULT_MODELS
+
+
+def test_models_is_configurable_and_any_model_accepts_all() -> None:
+    emu = Emulator(EmulatorConfig(models=frozenset({"mine"})))
+    assert call(emu, chat_body(model="mine")).status == 200
+    assert call(emu, chat_body(model="gpt-4o-mini")).status == 404
+    anything = Emulator(EmulatorConfig(any_model=True))
+    assert call(anything, chat_body(model="m")).status == 200
+    assert call(anything, {"model": "e", "input": "x"}, path="/v1/embeddings").status == 200

@@ -15,7 +15,7 @@ from corral.core import api_request, decode_chat, decode_models, errors
 from corral.core.models import Timeouts
 from corral.core.wire import ChatStreamDecoder
 from corral.testing.emulator import EmulatorConfig, Fault, Latency
-from corral.testing.server import RunningEmulator, serve_in_thread
+from corral.testing.server import RunningEmulator, ServerLimits, serve_in_thread
 from tests.conftest import CANARY_KEY, TransportFactory
 
 pytestmark = pytest.mark.anyio
@@ -93,7 +93,7 @@ async def test_keep_alive_reuses_one_connection(
 async def test_server_closing_idle_connections_is_absorbed(
     transport_factory: TransportFactory,
 ) -> None:
-    with serve_in_thread(keepalive_timeout=0.1) as emu:
+    with serve_in_thread(limits=ServerLimits(keepalive_timeout=0.1)) as emu:
         t = transport_factory()
         for _ in range(3):
             assert (await t(chat(emu.base_url))).status == 200
@@ -293,7 +293,7 @@ async def test_h11_resends_once_on_a_pooled_connection_found_dead(
 
     # Skip the idle check, so the pooled socket the server has closed is really used.
     monkeypatch.setattr(http11._Connection, "looks_closed", lambda self: False)
-    with serve_in_thread(keepalive_timeout=0.1) as emu:
+    with serve_in_thread(limits=ServerLimits(keepalive_timeout=0.1)) as emu:
         async with http11.H11Transport() as t:
             assert (await t(chat(emu.base_url))).status == 200
             await anyio.sleep(0.4)  # the server closes the idle connection

@@ -30,6 +30,8 @@ from corral.testing.quota import Admission, SlidingWindowQuota
 
 __all__ = [
     "DEFAULT_CONTEXT_WINDOWS",
+    "DEFAULT_MODELS",
+    "ROUTES",
     "Emulator",
     "EmulatorConfig",
     "Fault",
@@ -40,6 +42,25 @@ __all__ = [
 
 #: The real table plus a deliberately small model for context-length tests.
 DEFAULT_CONTEXT_WINDOWS: Mapping[str, int] = {**CONTEXT_WINDOWS, "small-model": 4_096}
+
+#: Models the emulator serves unless told otherwise: OpenAI's current chat and embedding models
+#: (the demo's ``gpt-4o-mini`` among them), so a misspelt model fails as it would in production.
+DEFAULT_MODELS: frozenset[str] = frozenset(CONTEXT_WINDOWS) | {
+    "gpt-4o-2024-08-06",
+    "gpt-4o-mini-2024-07-18",
+    "chatgpt-4o-latest",
+    "gpt-4.5-preview",
+    "gpt-5",
+    "gpt-5-mini",
+    "gpt-5-nano",
+    "o1-mini",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+    "text-embedding-ada-002",
+}
+
+#: The routes the emulator answers (method, path); anything else is a 404 that lists them.
+ROUTES = (("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("GET", "/v1/models"))
 
 
 class Fault(enum.Enum):
@@ -126,6 +147,10 @@ class EmulatorConfig:
     fault_retry_after: float = 1.0
     hang_seconds: float = 30.0
     context_windows: Mapping[str, int] = DEFAULT_CONTEXT_WINDOWS
+    #: Served models; any other gets OpenAI's 404 ``model_not_found``.
+    models: frozenset[str] = DEFAULT_MODELS
+    #: Accept every model name (tests that name models freely, e.g. "m").
+    any_model: bool = False
     default_context_window: int = 128_000
     embedding_dimensions: int = 64
     reply: Callable[[Mapping[str, Any]], str] = default_reply
@@ -182,21 +207,21 @@ class Emulator:
                 401, "Incorrect API key provided.", "invalid_api_key", "invalid_request_error", rid
             )
         path = path.split("?", 1)[0]
-        if path.endswith("/models") and method == "GET":
-            return self._ok(
-                rid,
-                {
-                    "object": "list",
-                    "data": [
-                        {"id": m, "object": "model", "owned_by": "corral-emulator"}
-                        for m in self.config.context_windows
-                    ],
-                },
-            )
-        if method != "POST" or not path.endswith(("/chat/completions", "/embeddings")):
+        if (method, path) not in ROUTES:
+            served = ", ".join(f"{m} {p}" for m, p in ROUTES)
             return self._fail(
-                404, f"Unknown route {method} {path}", None, "invalid_request_error", rid
+                404,
+                f"Invalid URL ({method} {path}). This server serves {served}.",
+                None,
+                "invalid_request_error",
+                rid,
             )
+        if path == "/v1/models":
+            data = [
+                {"id": m, "object": "model", "owned_by": "corral-emulator"}
+                for m in sorted(self.config.models)
+            ]
+            return self._ok(rid, {"object": "list", "data": data})
         try:
             request = jsonlib.loads(body)
         except jsonlib.JSONDecodeError:
@@ -210,6 +235,14 @@ class Emulator:
         if not isinstance(request, dict) or not isinstance(request.get("model"), str):
             return self._fail(
                 400, "you must provide a model parameter", None, "invalid_request_error", rid
+            )
+        if not self.config.any_model and request["model"] not in self.config.models:
+            return self._fail(
+                404,
+                f"The model `{request['model']}` does not exist or you do not have access to it.",
+                "model_not_found",
+                "invalid_request_error",
+                rid,
             )
         if path.endswith("/embeddings"):
             return self._embeddings(now, request, rid)

@@ -3,34 +3,79 @@
 The HTTP parsing is deliberately minimal (request line, headers, Content-Length bodies,
 keep-alive, pipelining) because the emulator must outrun the clients it measures; a request the
 parser does not support (chunked upload, oversized head) gets a clean 4xx and a close.
+
+Theory of operation for hostile clients: every connection is in one phase (idle, reading a
+request, busy answering one, closing) with a deadline; one sweep per tick closes the overdue.
+A connection that has sent nothing since it opened or since its last answer is idle; once the
+first byte of a request arrives the whole request must arrive within ``request_timeout``
+(slowloris) or the client gets 408. A bad ``Content-Length`` gets 400, one over ``max_body`` gets
+413 at once, before any of the body is read. A refused client's further bytes are read and
+dropped for ``linger`` seconds after our FIN, so it reads the answer instead of a reset. At
+``max_connections`` a newcomer closes the longest-idle connection, or gets 503 if all are busy.
+A TLS ClientHello (a client given ``https://``) is closed at once, so the client fails fast.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import enum
+import math
 import socket
 import ssl
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
+import attrs
+
+from corral.core import jsonlib
 from corral.testing.emulator import Emulator, EmulatorConfig, Fault, Plan
 
-__all__ = ["RunningEmulator", "serve_forever", "serve_in_thread"]
+__all__ = ["RunningEmulator", "ServerLimits", "serve_forever", "serve_in_thread"]
 
-_MAX_HEAD = 64 * 1024
 _REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",
+    408: "Request Timeout",
     411: "Length Required",
+    413: "Content Too Large",
     429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+_TLS_HANDSHAKE = b"\x16\x03"  # a TLS record of type handshake, version 3.x: a ClientHello
+
+
+@attrs.frozen
+class ServerLimits:
+    """What one client may cost the server, whatever it sends (see docs/reliability.md)."""
+
+    #: Bytes of request body; a longer Content-Length is answered 413 without reading the body.
+    max_body: int = 32 * 1024 * 1024
+    #: Bytes of request line plus headers; a longer head is answered 431.
+    max_head: int = 64 * 1024
+    #: Seconds from a request's first byte (or from the connection's opening) to its last.
+    request_timeout: float = 30.0
+    #: Seconds an idle keep-alive connection is kept after an answer (longer than the client
+    #: pools' expiry, so they close first and never race the server's close).
+    keepalive_timeout: float = 60.0
+    #: Open connections (keep it under ``ulimit -n``); see the module docstring for the policy.
+    max_connections: int = 1000
+    #: Seconds a refused client's further bytes are read and dropped before the socket closes.
+    linger: float = 2.0
+
+    @property
+    def tick(self) -> float:
+        """How often the sweep looks for overdue connections."""
+        shortest = min(self.request_timeout, self.keepalive_timeout, self.linger)
+        return min(1.0, max(0.01, shortest / 4))
 
 
 class _BadRequest(Exception):
@@ -39,13 +84,19 @@ class _BadRequest(Exception):
         self.status = status
 
 
-def _parse(buf: bytearray) -> tuple[str, str, dict[str, str], bytes, bool] | None:
-    """One complete request off the front of ``buf``: method, path, headers, body, keep-alive."""
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        if len(buf) > _MAX_HEAD:
-            raise _BadRequest(431, "request head too large")
-        return None
+class _Head(NamedTuple):
+    method: str
+    path: str
+    headers: dict[str, str]
+    keep_alive: bool
+    #: Bytes of the head, its blank line included.
+    size: int
+    #: Bytes of the body that follows.
+    length: int
+
+
+def _parse_head(buf: bytearray, end: int, max_body: int) -> _Head:
+    """The request head ending at ``end`` (the blank line); ``_BadRequest`` says what is wrong."""
     lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
     try:
         method, path, version = lines[0].split(" ", 2)
@@ -56,21 +107,23 @@ def _parse(buf: bytearray) -> tuple[str, str, dict[str, str], bytes, bool] | Non
         name, colon, value = line.partition(":")
         if not colon:
             raise _BadRequest(400, "bad header line")
-        headers[name.strip().lower()] = value.strip()
+        name, value = name.strip().lower(), value.strip()
+        if name == "content-length" and headers.get(name, value) != value:
+            raise _BadRequest(400, "conflicting Content-Length headers")
+        headers[name] = value
     if "transfer-encoding" in headers:
-        raise _BadRequest(411, "chunked request bodies are not supported")
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        raise _BadRequest(400, "bad content-length") from None
-    total = end + 4 + length
-    if len(buf) < total:
-        return None
-    body = bytes(buf[end + 4 : total])
-    del buf[:total]
+        raise _BadRequest(411, "chunked request bodies are not supported; send Content-Length")
+    raw = headers.get("content-length", "0")
+    if not (raw.isascii() and raw.isdigit()):
+        raise _BadRequest(400, f"bad Content-Length {raw[:40]!r}: expected a non-negative integer")
+    length = int(raw)
+    if length > max_body:
+        raise _BadRequest(
+            413, f"a request body of {length} bytes is over this server's {max_body}-byte limit"
+        )
     conn = headers.get("connection", "").lower()
     keep_alive = conn != "close" and (version == "HTTP/1.1" or conn == "keep-alive")
-    return method, path, headers, body, keep_alive
+    return _Head(method, path, headers, keep_alive, end + 4, length)
 
 
 def _head(status: int, headers: tuple[tuple[str, str], ...], extra: str) -> bytes:
@@ -79,75 +132,199 @@ def _head(status: int, headers: tuple[tuple[str, str], ...], extra: str) -> byte
     return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode("latin-1")
 
 
+def _error_response(status: int, message: str) -> bytes:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    error = {"message": message, "type": kind, "param": None, "code": None}
+    body = jsonlib.dumps({"error": error})
+    extra = f"content-length: {len(body)}\r\nconnection: close\r\n"
+    return _head(status, (("content-type", "application/json"),), extra) + body
+
+
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+class _Phase(enum.Enum):
+    IDLE = "idle"  #: no byte of a request yet
+    READING = "reading"  #: part of a request has arrived
+    BUSY = "busy"  #: answering (a delay, a stream); the server, not the client, is slow
+    CLOSING = "closing"  #: refused: reading and dropping until the client closes or ``linger``
+
+
+class _Connections:
+    """The open connections of one server, longest-idle first, and the sweep that expires them."""
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self.limits = limits
+        self._open: collections.OrderedDict[_Protocol, None] = collections.OrderedDict()
+        self._sweep_handle: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def admit(self, conn: _Protocol) -> bool:
+        """Register ``conn``; at the cap close the longest-idle one first, or refuse (False)."""
+        if len(self._open) >= self.limits.max_connections:
+            victim = next((c for c in self._open if c.phase is not _Phase.BUSY), None)
+            if victim is None:
+                return False
+            self.forget(victim)
+            victim.close()
+        self._open[conn] = None
+        return True
+
+    def touch(self, conn: _Protocol) -> None:
+        if conn in self._open:
+            self._open.move_to_end(conn)
+
+    def forget(self, conn: _Protocol) -> None:
+        self._open.pop(conn, None)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweep_handle = loop.call_later(self.limits.tick, self._sweep, loop)
+
+    def stop(self) -> None:
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self._open if c.deadline <= now]:
+            conn.expire(now)
+        self.start(loop)
+
+
 class _Protocol(asyncio.Protocol):
-    def __init__(self, emulator: Emulator, keepalive_timeout: float | None) -> None:
+    def __init__(self, emulator: Emulator, conns: _Connections) -> None:
         self._emulator = emulator
-        self._keepalive_timeout = keepalive_timeout
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._conns = conns
+        self._limits = conns.limits
         self._buf = bytearray()
-        self._busy = False
+        self._scanned = 0  # bytes of ``_buf`` known to hold no end of head
+        self._head: _Head | None = None
+        self.phase = _Phase.IDLE
+        self.deadline = math.inf
+        self._paused = False
         self._transport: asyncio.Transport | None = None
         self._task: asyncio.Task[None] | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._emulator.counts["connections"] += 1
-        self._arm_idle_timer()
+        if not self._conns.admit(self):
+            transport.write(_error_response(503, "too many connections; retry later"))  # type: ignore[attr-defined]
+            self.close()
+            return
+        self._enter(_Phase.IDLE, time.monotonic() + self._limits.request_timeout)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _arm_idle_timer(self) -> None:
-        """Close a keep-alive connection left idle too long, as real servers do."""
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        if self._keepalive_timeout is not None and self._transport is not None:
-            loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(self._keepalive_timeout, self._close_idle)
-
-    def _close_idle(self) -> None:
-        if self._transport is not None and not self._busy:
-            self._transport.close()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self._conns.forget(self)
         if self._task is not None:
             self._task.cancel()
 
+    def eof_received(self) -> None:
+        """The client closed its side: close ours (returning None closes the transport)."""
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _enter(self, phase: _Phase, deadline: float) -> None:
+        self.phase, self.deadline = phase, deadline
+        self._conns.touch(self)
+
+    def expire(self, now: float) -> None:
+        """The sweep found this connection past its deadline."""
+        if self.phase is _Phase.READING:
+            self._refuse(
+                408, f"the request did not arrive within {self._limits.request_timeout:g} s"
+            )
+        elif self.phase is _Phase.CLOSING and self._transport is not None:
+            self._transport.abort()
+        else:
+            self.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` and close, dropping what the client still sends for ``linger`` s."""
+        transport = self._transport
+        if transport is None:
+            return
+        transport.write(_error_response(status, message))
+        self._buf.clear()
+        self._head = None
+        if not transport.can_write_eof():  # TLS: no half-close
+            transport.close()
+            return
+        transport.write_eof()
+        if self._paused:
+            transport.resume_reading()
+            self._paused = False
+        self._enter(_Phase.CLOSING, time.monotonic() + self._limits.linger)
+
+    # -- reading ----------------------------------------------------------------------------
+
     def data_received(self, data: bytes) -> None:
+        phase = self.phase
+        if phase is _Phase.CLOSING:
+            return
+        if phase is _Phase.IDLE:
+            if data.startswith(_TLS_HANDSHAKE):
+                self.close()  # https:// to a plain-HTTP server: fail the handshake now
+                return
+            self._enter(_Phase.READING, time.monotonic() + self._limits.request_timeout)
         self._buf += data
-        if not self._busy:
+        if phase is not _Phase.BUSY:
             self._serve_buffered()
+        elif len(self._buf) > self._limits.max_head + self._limits.max_body:
+            assert self._transport is not None
+            self._transport.pause_reading()  # a pipelining client outrunning a slow answer
+            self._paused = True
 
     def _serve_buffered(self) -> None:
-        while not self._busy and self._transport is not None:
-            try:
-                parsed = _parse(self._buf)
-            except _BadRequest as exc:
-                body = f'{{"error": {{"message": "{exc}"}}}}'.encode()
-                self._transport.write(
-                    _head(exc.status, (("content-length", str(len(body))),), "") + body
-                )
-                self._transport.close()
-                return
-            if parsed is None:
-                self._arm_idle_timer()
-                return
-            method, path, headers, body, keep_alive = parsed
-            plan = self._emulator.handle(time.monotonic(), method, path, headers, body)
+        """Answer every complete request in the buffer, then wait in the right phase."""
+        served = False
+        now = time.monotonic()
+        while (transport := self._transport) is not None and not transport.is_closing():
+            head = self._head
+            if head is None:
+                end = self._buf.find(b"\r\n\r\n", self._scanned)
+                if end < 0 or end > self._limits.max_head:
+                    if len(self._buf) > self._limits.max_head:
+                        self._refuse(431, f"the request head is over {self._limits.max_head} bytes")
+                        return
+                    self._scanned = max(0, len(self._buf) - 3)
+                    break
+                try:
+                    head = self._head = _parse_head(self._buf, end, self._limits.max_body)
+                except _BadRequest as exc:
+                    self._refuse(exc.status, str(exc))
+                    return
+            total = head.size + head.length
+            if len(self._buf) < total:
+                break
+            body = bytes(self._buf[head.size : total])
+            del self._buf[:total]
+            self._head, self._scanned, served = None, 0, True
+            plan = self._emulator.handle(now, head.method, head.path, head.headers, body)
             if plan.delay <= 0 and plan.events is None and plan.fault is None:
-                self._write_plain(plan, keep_alive)
+                self._write_plain(plan, head.keep_alive)
                 continue
-            self._busy = True
-            self._task = asyncio.get_running_loop().create_task(self._act(plan, keep_alive))
+            self.phase, self.deadline = _Phase.BUSY, math.inf
+            self._task = asyncio.get_running_loop().create_task(self._act(plan, head.keep_alive))
+            return
+        if served:
+            if self._buf:
+                self._enter(_Phase.READING, now + self._limits.request_timeout)
+            else:
+                self._enter(_Phase.IDLE, now + self._limits.keepalive_timeout)
 
     def _write_plain(self, plan: Plan, keep_alive: bool) -> None:
         assert self._transport is not None
@@ -200,10 +377,18 @@ class _Protocol(asyncio.Protocol):
             else:
                 await self._stream(plan, keep_alive)
         finally:
-            self._busy = False
             self._task = None
-        if self._transport is not None and not self._transport.is_closing():
-            self._serve_buffered()
+        if self._transport is None or self._transport.is_closing():
+            return
+        if self._paused:
+            self._transport.resume_reading()
+            self._paused = False
+        now = time.monotonic()
+        if self._buf:
+            self._enter(_Phase.READING, now + self._limits.request_timeout)
+        else:
+            self._enter(_Phase.IDLE, now + self._limits.keepalive_timeout)
+        self._serve_buffered()
 
     async def _stream(self, plan: Plan, keep_alive: bool) -> None:
         assert plan.events is not None
@@ -231,6 +416,7 @@ class RunningEmulator:
         self.host, self.port = host, port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
+        self._connections: _Connections | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -241,6 +427,11 @@ class RunningEmulator:
     def counts(self) -> dict[str, int]:
         """Requests received, per outcome (a copy; safe to read from another thread)."""
         return dict(self.emulator.counts)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections the server holds now (approximate from another thread)."""
+        return len(self._connections) if self._connections is not None else 0
 
     def stop(self) -> None:
         loop, thread = self._loop, self._thread
@@ -256,12 +447,15 @@ async def _start(
     host: str,
     port: int,
     ssl_context: ssl.SSLContext | None = None,
-    keepalive_timeout: float | None = None,
-) -> asyncio.Server:
+    limits: ServerLimits | None = None,
+) -> tuple[asyncio.Server, _Connections]:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: _Protocol(emulator, keepalive_timeout), host, port, backlog=4096, ssl=ssl_context
+    conns = _Connections(limits or ServerLimits())
+    server = await loop.create_server(
+        lambda: _Protocol(emulator, conns), host, port, backlog=4096, ssl=ssl_context
     )
+    conns.start(loop)
+    return server, conns
 
 
 def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
@@ -284,9 +478,18 @@ def serve_in_thread(
     *,
     use_uvloop: bool = True,
     ssl_context: ssl.SSLContext | None = None,
-    keepalive_timeout: float | None = None,
+    limits: ServerLimits | None = None,
+    any_model: bool = True,
 ) -> Iterator[RunningEmulator]:
-    """Run an emulator on its own event loop in a daemon thread, for any caller (trio too)."""
+    """Run an emulator on its own event loop in a daemon thread, for any caller (trio too).
+
+    Tests and benchmarks name models freely ("m"), so by default this server accepts any model;
+    ``any_model=False`` keeps ``config.models`` (as ``corral serve`` does) for tests of a
+    client's handling of ``model_not_found``.
+    """
+    config = config or EmulatorConfig()
+    if any_model:
+        config = attrs.evolve(config, any_model=True)
     emulator = Emulator(config)
     running = RunningEmulator(emulator, host, port, https=ssl_context is not None)
     ready = threading.Event()
@@ -296,19 +499,20 @@ def serve_in_thread(
         loop = _new_loop(use_uvloop)
         asyncio.set_event_loop(loop)
         try:
-            server = loop.run_until_complete(
-                _start(emulator, host, port, ssl_context, keepalive_timeout)
+            server, conns = loop.run_until_complete(
+                _start(emulator, host, port, ssl_context, limits)
             )
         except BaseException as exc:  # reported to the starting thread
             failure.append(exc)
             ready.set()
             return
         running.port = server.sockets[0].getsockname()[1]
-        running._loop, running._server = loop, server
+        running._loop, running._server, running._connections = loop, server, conns
         ready.set()
         try:
             loop.run_forever()
         finally:
+            conns.stop()
             server.close()
             for task in asyncio.all_tasks(loop):
                 task.cancel()
@@ -327,11 +531,18 @@ def serve_in_thread(
         running.stop()
 
 
-def serve_forever(config: EmulatorConfig, host: str, port: int, *, use_uvloop: bool = True) -> None:
+def serve_forever(
+    config: EmulatorConfig,
+    host: str,
+    port: int,
+    *,
+    use_uvloop: bool = True,
+    limits: ServerLimits | None = None,
+) -> None:
     """Serve in the foreground until interrupted (``corral serve``)."""
     loop = _new_loop(use_uvloop)
     emulator = Emulator(config)
-    server = loop.run_until_complete(_start(emulator, host, port))
+    server, conns = loop.run_until_complete(_start(emulator, host, port, limits=limits))
     bound = server.sockets[0].getsockname()
     print(f"corral emulator listening on http://{bound[0]}:{bound[1]}/v1", flush=True)
     try:
@@ -339,5 +550,6 @@ def serve_forever(config: EmulatorConfig, host: str, port: int, *, use_uvloop: b
     except KeyboardInterrupt:
         pass
     finally:
+        conns.stop()
         server.close()
         loop.close()

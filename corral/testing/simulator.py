@@ -8,6 +8,7 @@ and returns the response. Under trio's ``MockClock`` a million calls take second
 from __future__ import annotations
 
 import anyio
+import attrs
 
 from corral.core.compose import Clock, current_time
 from corral.core.errors import ReadError, ReadTimeout
@@ -20,9 +21,15 @@ __all__ = ["SimulatedProvider"]
 
 class SimulatedProvider:
     def __init__(
-        self, config: EmulatorConfig | None = None, *, clock: Clock = current_time
+        self,
+        config: EmulatorConfig | None = None,
+        *,
+        clock: Clock = current_time,
+        any_model: bool = True,
     ) -> None:
-        self.emulator = Emulator(config)
+        """``any_model`` as in ``serve_in_thread``: simulations name models freely."""
+        config = config or EmulatorConfig()
+        self.emulator = Emulator(attrs.evolve(config, any_model=True) if any_model else config)
         self._clock = clock
 
     @property
