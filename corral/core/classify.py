@@ -2,15 +2,23 @@
 
 Nothing here reads a clock. An HTTP-date ``Retry-After`` is measured against the response's own
 ``Date`` header (the server's clock), or against ``now_wall`` when the caller passes one.
+
+Provider text enters corral's errors here and nowhere else, so this is where it is made safe:
+``classify`` runs every string it takes from a response (message, code, type, request id, a
+non-JSON body's first characters) through ``scrub`` with the credentials the caller sent. A
+relay that echoes ``Authorization`` back cannot put the key into an error, a log line or an
+output record built from one.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
+import html
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -35,7 +43,19 @@ __all__ = [
     "parse_rate_limit_headers",
     "parse_retry_after",
     "parse_should_retry",
+    "scrub",
 ]
+
+#: Any run of this many characters of a secret is masked (a piece that long identifies a key).
+SECRET_PIECE = 8
+REDACTED = "[redacted]"
+#: Bytes of a non-JSON error body read for its message, and characters of it kept.
+_BODY_WINDOW = 4096
+_SNIPPET = 200
+#: Characters of a provider's own message kept (they are short; a hostile one is not).
+_MESSAGE = 4000
+_TAG = re.compile(r"<[^<>]*>")  # [^<>]: each "<" scans only to the next bracket (linear)
+_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f]+")  # line breaks, escapes, runs of white space
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _CONTEXT_NUMBERS = re.compile(
@@ -166,6 +186,72 @@ def parse_rate_limit_headers(headers: Headers) -> RateLimitHeaders:
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _piece_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """Finds where a secret, or an ``SECRET_PIECE``-long piece of one, starts (lookahead: the
+    matches may overlap, so a run of pieces is found whole)."""
+    pieces = {
+        s[i : i + SECRET_PIECE] for s in secrets for i in range(len(s) - SECRET_PIECE + 1)
+    } | {s for s in secrets if 0 < len(s) < SECRET_PIECE}
+    if not pieces:
+        return None
+    alternatives = "|".join(re.escape(p) for p in sorted(pieces, key=len, reverse=True))
+    return re.compile(f"(?=({alternatives}))")
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret, and every run of ``SECRET_PIECE`` or more characters of one,
+    replaced by ``[redacted]`` (so ``Bearer <key>`` becomes ``Bearer [redacted]``, and a key a
+    server half-masks loses what it showed of it). Secrets shorter than that are masked whole.
+    """
+    pattern = _piece_pattern(tuple(sorted(set(secrets))))
+    if pattern is None or not text:
+        return text
+    out: list[str] = []
+    kept = end = 0  # text[kept:start] is clean; [start, end) is being masked
+    start = -1
+    for match in pattern.finditer(text):
+        begin, stop = match.start(), match.start() + len(match.group(1))
+        if start >= 0 and begin <= end:
+            end = max(end, stop)
+            continue
+        if start >= 0:
+            out += (text[kept:start], REDACTED)
+            kept = end
+        start, end = begin, stop
+    if start < 0:
+        return text
+    out += (text[kept:start], REDACTED, text[end:])
+    return "".join(out)
+
+
+def _bounded(text: str, secrets: tuple[str, ...]) -> str:
+    """A provider message, scrubbed and cut to ``_MESSAGE`` characters (scrubbed before the
+    cut, so the cut cannot leave the start of a key behind)."""
+    if len(text) <= _MESSAGE:
+        return scrub(text, secrets)
+    longest = max(map(len, secrets), default=0)
+    return scrub(text[: _MESSAGE + longest], secrets)[:_MESSAGE] + "..."
+
+
+def _body_text(headers: Headers, body: bytes, secrets: tuple[str, ...]) -> str:
+    """The first characters of a body that is not an OpenAI error, scrubbed, on one line:
+    ``text/html body: 404 Not Found ...``. Tags and entities are read as an HTML page's text."""
+    if not body:
+        return "empty body"
+    window = body[:_BODY_WINDOW].decode("utf-8", "replace")
+    if len(body) > _BODY_WINDOW:
+        # A secret cut by the window's end would escape the scrub: drop what could be one.
+        window = window[: -max(map(len, secrets), default=0) or None]
+    media = (headers.get("content-type") or "").partition(";")[0].strip().lower()
+    if "html" in media or window.lstrip()[:1] == "<":
+        window = html.unescape(_TAG.sub(" ", window))
+    text = scrub(_CONTROL.sub(" ", window).strip(), secrets)
+    if len(text) > _SNIPPET:
+        text = text[:_SNIPPET] + "..."
+    return f"{media or 'unlabelled'} body: {text}" if text else "blank body"
+
+
 def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
     """(message, code, type) from an OpenAI-style ``{"error": {...}}`` body, best effort."""
     try:
@@ -176,8 +262,12 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
     if isinstance(err, str):
         return err, None, None
     if not isinstance(err, Mapping):
-        detail = data.get("detail") if isinstance(data, Mapping) else None
-        return (detail if isinstance(detail, str) else None), None, None
+        # FastAPI says {"detail": ...}; vLLM and some proxies {"object": "error", "message": ...}
+        for field in ("detail", "message"):
+            text = data.get(field) if isinstance(data, Mapping) else None
+            if isinstance(text, str):
+                return text, None, None
+        return None, None, None
     message, code, kind = err.get("message"), err.get("code"), err.get("type")
     return (
         message if isinstance(message, str) else None,
@@ -193,30 +283,49 @@ def _context_numbers(message: str) -> tuple[int | None, int | None]:
     return int(match.group(1)), int(match.group(2))
 
 
+def _scrubbed(value: str | None, secrets: tuple[str, ...]) -> str | None:
+    return None if value is None else scrub(value, secrets)
+
+
 def classify(
-    status: int, headers: Headers, body: bytes, *, now_wall: float | None = None
+    status: int,
+    headers: Headers,
+    body: bytes,
+    *,
+    now_wall: float | None = None,
+    secrets: Iterable[str] = (),
+    url: str | None = None,
 ) -> APIError | None:
     """The error a response stands for, or None for a success (1xx-3xx).
+
+    The status decides the class, whatever the body is (JSON, text, an HTML page, nothing).
+    The message is the provider's own when its body says one, else the body's first characters.
+
+    Args:
+        secrets: credentials the request carried (the API key); no piece of one reaches the
+            error, whatever the server echoes.
+        url: the request's URL, named (without its query) in a ``NotFoundError``.
 
     Total over its inputs: any status, any headers, any bytes give an ``APIError`` or None.
     """
     if status < 400:
         return None
+    keys = tuple(s for s in secrets if s)
     message, code, error_type = _error_fields(body)
-    request_id = headers.get("x-request-id") or headers.get("request-id")
-    text = message or f"HTTP {status} with no error message"
+    text = _bounded(message, keys) if message else _body_text(headers, body, keys)
     common: dict[str, Any] = {
         "status": status,
-        "request_id": request_id,
-        "code": code,
-        "error_type": error_type,
+        "request_id": _scrubbed(headers.get("x-request-id") or headers.get("request-id"), keys),
+        "code": _scrubbed(code, keys),
+        "error_type": _scrubbed(error_type, keys),
     }
     if status == 429:
         return RateLimited(text, retry_after=parse_retry_after(headers, now_wall), **common)
     if status in (401, 403):
         return AuthenticationError(text, **common)
     if status == 404:
-        return NotFoundError(text, **common)
+        where = f" (url: {scrub(url.partition('?')[0], keys)})" if url else ""
+        return NotFoundError(text + where, **common)
     if status == 408:
         return RequestTimeoutError(text, **common)
     if status == 409:
