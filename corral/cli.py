@@ -1,43 +1,82 @@
-"""The ``corral`` command: ``run`` a batch, ``serve`` the emulator, ``demo`` both together.
+"""The ``corral`` command: ``run`` a batch, ``prepare`` one, ``serve`` the emulator, ``demo``.
 
 argparse (stdlib) parses the flags: the command is small enough that a dependency would buy
-nothing, and it keeps ``pip install corral`` lean.
+nothing, and it keeps ``pip install corral`` lean. This module only turns arguments into
+values (``BatchJob``, ``EmulatorConfig``) and calls the library; every mistake a user can make
+ends as one ``corral: ...`` line and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
-import signal
+import math
+import re
+import shlex
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
+import attrs
 
-from corral.batch.progress import ProgressView, format_summary, summary_dict
-from corral.batch.runner import BatchOptions, BatchRunner, estimate_cost, preflight
-from corral.client import Client, default_middleware
+from corral import __version__
+from corral.batch.job import TRANSPORTS, BatchJob, ExitCode, needs_extra, run_job
+from corral.batch.paths import check_input
+from corral.batch.runner import BatchOptions, estimate_cost, preflight
+from corral.batch.store import scan_output
 from corral.core.errors import InvalidInput
-from corral.core.models import Timeouts
-from corral.middleware.cache import Cache, CacheRules
-from corral.middleware.retry import Retry
-from corral.middleware.truncate import Truncate
-from corral.transports.base import Transport
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+_DAY = 24 * 3600.0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one ``corral: ...`` line (and exit 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"corral: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(ExitCode.REFUSED)
+
+
+class _Help(argparse.HelpFormatter):
+    """Adds "(default: X)" to every flag that has a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, argparse.SUPPRESS) or not text:
+            return text
+        if action.option_strings and action.nargs != 0:
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+def _number(kind: type[int] | type[float], *, minimum: float, strict: bool) -> Any:
+    """An argparse type: a finite number above (``strict``) or at least ``minimum``."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            relation = "more than" if strict else "at least"
+            raise argparse.ArgumentTypeError(f"must be {relation} {minimum:g}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_count = _number(int, minimum=1, strict=False)
+_non_negative_int = _number(int, minimum=0, strict=False)
+_seconds = _number(float, minimum=0, strict=True)
+_fraction = _number(float, minimum=0, strict=False)
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -53,239 +92,212 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policies")
-    g.add_argument("--rpm", type=_positive_int, help="requests per minute allowed (your quota)")
-    g.add_argument("--tpm", type=_positive_int, help="tokens per minute allowed (your quota)")
+    g.add_argument("--rpm", type=_count, help="requests per minute your quota allows")
+    g.add_argument("--tpm", type=_count, help="tokens per minute your quota allows")
     g.add_argument(
         "--quota-redis",
         metavar="URL",
-        help="share the RPM/TPM quota with other processes through this Redis",
+        help="share the RPM/TPM quota with other processes through this Redis (redis extra)",
     )
+    g.add_argument("--quota-name", default="default", help="which shared quota (--quota-redis)")
+    g.add_argument("--concurrency", type=_count, default=64, help="requests in flight at most")
     g.add_argument(
-        "--quota-name", default="default", help="which shared quota (with --quota-redis)"
+        "--retries", type=_non_negative_int, default=4, help="retries per request after its try"
     )
-    g.add_argument("--concurrency", type=_positive_int, default=64, help="max requests in flight")
-    g.add_argument("--retries", type=int, default=4, help="retries per request after the first try")
     g.add_argument(
         "--retry-budget",
-        type=float,
+        type=_fraction,
         default=0.2,
-        help="retries allowed as a fraction of requests (shared budget)",
+        help="retries allowed as a fraction of requests, shared by all",
     )
-    g.add_argument("--timeout", type=float, default=600.0, help="seconds per request, all tries")
-    g.add_argument("--cache", type=Path, metavar="PATH", help="cache responses in this SQLite file")
-    g.add_argument("--redis", metavar="URL", help="cache responses in Redis (redis://host:6379/0)")
-    g.add_argument("--cache-ttl", type=float, default=7 * 24 * 3600.0, help="seconds")
     g.add_argument(
-        "--truncate",
-        action="store_true",
-        help="drop old turns / trim to fit each model's context window",
+        "--timeout", type=_seconds, default=600.0, help="seconds per request, all tries included"
     )
-    g.add_argument("--transport", choices=["h11", "httpx", "httpx2", "aiohttp"], default="h11")
-    g.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    g.add_argument(
+        "--max-outage",
+        type=_fraction,
+        default=600.0,
+        metavar="SECONDS",
+        help="seconds to wait for a provider that is down before stopping (resumable)",
+    )
+    g.add_argument("--cache", type=Path, metavar="PATH", help="cache responses in this SQLite file")
+    g.add_argument("--redis", metavar="URL", help="cache responses in Redis (redis extra)")
+    g.add_argument("--cache-ttl", type=_seconds, default=7 * _DAY, help="cache entry life, seconds")
+    g.add_argument(
+        "--truncate", action="store_true", help="trim prompts to fit each model's context window"
+    )
+    g.add_argument("--transport", choices=TRANSPORTS, default="h11", help="HTTP client to use")
+    g.add_argument(
+        "--backend", choices=["asyncio", "trio"], default="asyncio", help="event loop (trio extra)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corral", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run a JSONL batch (OpenAI Batch API format), resumably")
-    run.add_argument("input", type=Path)
-    run.add_argument("-o", "--output", type=Path, required=True, help="results JSONL (appended)")
-    run.add_argument("--base-url", help="API base URL (default: $OPENAI_BASE_URL)")
-    run.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key"
+    parser = _Parser(
+        prog="corral",
+        description="Call OpenAI-compatible APIs at scale: resumable batches within your limits.",
+        formatter_class=_Help,
     )
-    run.add_argument("--model", help="override the model of every request")
+    parser.add_argument("--version", action="version", version=f"corral {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text, formatter_class=_Help)
+        assert isinstance(p, _Parser)
+        return p
+
+    run = command("run", "run a JSONL batch (OpenAI Batch API format), resumably")
+    run.add_argument("input", type=Path, help="requests JSONL: Batch API lines or request bodies")
+    run.add_argument(
+        "-o", "--output", type=Path, required=True, help="results JSONL (created or resumed)"
+    )
+    run.add_argument("--base-url", help="API base URL (default: $OPENAI_BASE_URL, else OpenAI)")
+    run.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="environment variable holding the key (default: CORRAL_API_KEY, then OPENAI_API_KEY)",
+    )
+    run.add_argument("--model", help="send every request to this model instead of its own")
     run.add_argument("--strict", action="store_true", help="refuse the file if any line is bad")
     run.add_argument(
-        "--retry-failed",
-        action="store_true",
-        help="rerun the requests that failed in the output file",
+        "--retry-failed", action="store_true", help="rerun the requests that failed in the output"
     )
-    run.add_argument("--dry-run", action="store_true", help="estimate tokens and cost only")
+    run.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume although the model, base URL, shard or (explicit-id) input changed",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="estimate tokens and cost of what is left; send nothing",
+    )
     run.add_argument(
         "--shard",
         type=_shard,
         metavar="I/N",
         help="run only shard I of N (0-based) of the custom_ids, e.g. 0/4",
     )
-    run.add_argument("--json", action="store_true", help="print the summary as JSON")
-    run.add_argument("--allow-failures", action="store_true", help="exit 0 even if some failed")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    run.add_argument(
+        "--allow-failures", action="store_true", help="exit 0 even if the output holds failures"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress display")
     _add_policy_flags(run)
 
-    prep = sub.add_parser("prepare", help="fill a prompt template from a CSV/JSONL table")
-    prep.add_argument("rows", type=Path, help="a CSV with a header row, or JSONL of objects")
+    prep = command("prepare", "fill a prompt template from a CSV/JSONL table into requests")
+    prep.add_argument("rows", type=Path, help="a CSV with a header row (UTF-8), or JSONL objects")
     prep.add_argument("-o", "--output", type=Path, required=True, help="requests JSONL to write")
-    prep.add_argument("--template", required=True, help='user message, e.g. "Sentiment: {review}"')
-    prep.add_argument("--system", help="system message (may use {fields} too)")
-    prep.add_argument("--model", required=True)
-    prep.add_argument("--max-tokens", type=int)
+    prep.add_argument(
+        "--template",
+        required=True,
+        help='user message with {column} fields, e.g. "Sentiment: {review}"; {{ }} for braces',
+    )
+    prep.add_argument("--system", help="system message (may use {column} fields too)")
+    prep.add_argument("--model", required=True, help="the model every request names")
+    prep.add_argument("--max-tokens", type=_count, help="max_tokens of every request")
     prep.add_argument("--id-field", help="the column to use as custom_id (default: row-N)")
 
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible emulator")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--rpm", type=_positive_int)
-    serve.add_argument("--tpm", type=_positive_int)
-    serve.add_argument("--latency", default="0", help="0.05 | uniform:0.01,0.1 | lognormal:0.2,0.5")
-    serve.add_argument("--tokens-per-second", type=float)
+    serve = command("serve", "run the OpenAI-compatible emulator (for tests and demos)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=_non_negative_int, default=8000, help="TCP port")
+    serve.add_argument("--rpm", type=_count, help="requests per minute it allows (429 beyond)")
+    serve.add_argument("--tpm", type=_count, help="tokens per minute it allows (429 beyond)")
+    serve.add_argument(
+        "--latency",
+        default="0",
+        help="seconds to first byte: 0.05 | uniform:0.01,0.1 | lognormal:MEDIAN,SIGMA",
+    )
+    serve.add_argument("--tokens-per-second", type=_seconds, help="streaming pace")
     serve.add_argument(
         "--fault",
         action="append",
         default=[],
         metavar="KIND=RATE",
-        help="inject a fault, e.g. 500=0.02 reset=0.01 (repeatable)",
+        help="inject a fault with this probability, e.g. 500=0.02 reset=0.01 (repeatable)",
     )
-    serve.add_argument("--seed", type=int, default=0)
-    serve.add_argument("--api-key", action="append", help="accept only these keys (repeatable)")
+    serve.add_argument("--seed", type=int, default=0, help="random seed for latency and faults")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="accept only this Bearer key (repeatable; default: any non-empty key)",
+    )
+    serve.add_argument(
+        "--models",
+        help="comma-separated models it serves (default: current OpenAI model names)",
+    )
+    serve.add_argument("--any-model", action="store_true", help="accept every model name")
 
-    demo = sub.add_parser("demo", help="run 2000 reviews through a faulty, rate-limited emulator")
-    demo.add_argument("--requests", type=_positive_int, default=2000)
-    demo.add_argument("--dir", type=Path, default=Path("corral-demo"))
-    demo.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
-    demo.add_argument("--json", action="store_true")
+    demo = command("demo", "run 2000 reviews through a faulty, rate-limited emulator")
+    demo.add_argument("--requests", type=_count, default=2000, help="number of reviews")
+    demo.add_argument("--dir", type=Path, default=Path("corral-demo"), help="where files go")
+    demo.add_argument(
+        "--backend", choices=["asyncio", "trio"], default="asyncio", help="event loop"
+    )
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return parser
 
 
-def _transport(name: str, timeout: float) -> Transport:
-    timeouts = Timeouts(connect=10, read=timeout, write=30, pool=timeout)
-    if name in ("httpx", "httpx2"):
-        from corral.transports.httpx_transport import HttpxTransport
-
-        return HttpxTransport(package=name, timeouts=timeouts, max_connections=1000)
-    if name == "aiohttp":
-        from corral.transports.aiohttp_transport import AiohttpTransport
-
-        return AiohttpTransport(timeouts=timeouts, max_connections=1000)
-    from corral.transports.http11 import H11Transport
-
-    return H11Transport(timeouts=timeouts, max_connections=1000)
+_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
 
 
-async def _run_batch(args: argparse.Namespace, base_url: str | None, api_key: str | None) -> int:
-    options = BatchOptions(
+def resume_command(argv: Sequence[str]) -> str:
+    """The exact command line, quoted, with any ``user:password@`` in URLs blanked."""
+    words = [_USERINFO.sub(r"\g<scheme>***@", word) for word in argv]
+    return shlex.join(["corral", *(w for w in words if w != "--retry-failed")])
+
+
+def _job(args: argparse.Namespace, argv: Sequence[str]) -> BatchJob:
+    if args.transport == "aiohttp" and args.backend == "trio":
+        raise InvalidInput("--transport aiohttp runs only on asyncio; use --backend asyncio")
+    if args.backend == "trio":
+        with needs_extra("trio", "--backend trio"):
+            import trio  # noqa: F401
+    return BatchJob(
         input=args.input,
         output=args.output,
+        base_url=args.base_url,
+        api_key_env=args.api_key_env,
+        model=args.model,
+        shard=args.shard,
+        strict=args.strict,
+        retry_failed=args.retry_failed,
+        force_resume=args.force_resume,
+        allow_failures=args.allow_failures,
+        rpm=args.rpm,
+        tpm=args.tpm,
         concurrency=args.concurrency,
-        strict=getattr(args, "strict", False),
-        retry_failed=getattr(args, "retry_failed", False),
-        model=getattr(args, "model", None),
-        shard=getattr(args, "shard", None),
-    )
-    pre = preflight(options)
-    for bad in pre.bad:
-        print(f"corral: bad line {bad.where(options.input)}: {bad.reason}", file=sys.stderr)
-    if pre.bad_count > len(pre.bad):
-        print(f"corral: ... and {pre.bad_count - len(pre.bad)} more bad lines", file=sys.stderr)
-    shared = getattr(args, "quota_redis", None)
-    stack = default_middleware(
-        rpm=None if shared else args.rpm,
-        tpm=None if shared else args.tpm,
-        concurrency=args.concurrency,
-        max_attempts=args.retries + 1,
-        timeout=args.timeout,
+        retries=args.retries,
         retry_budget=args.retry_budget,
-        cache=_cache(args),
-        truncate=Truncate() if getattr(args, "truncate", False) else None,
+        timeout=args.timeout,
+        max_outage=args.max_outage,
+        cache=args.cache,
+        redis=args.redis,
+        cache_ttl=args.cache_ttl,
+        truncate=args.truncate,
+        quota_redis=args.quota_redis,
+        quota_name=args.quota_name,
+        transport=args.transport,
+        progress=not args.no_progress,
+        json_summary=args.json,
+        resume_command=resume_command(argv),
     )
-    if shared:  # the shared limiter takes the local one's place, just outside ConcurrencyLimit
-        from corral.middleware.shared_ratelimit import SharedRateLimit  # needs the redis extra
-
-        limiter_layer = SharedRateLimit(shared, name=args.quota_name, rpm=args.rpm, tpm=args.tpm)
-        stack.insert(len(stack) - 1, limiter_layer)
-    client = Client(
-        base_url,
-        api_key,
-        api_key_env=getattr(args, "api_key_env", "OPENAI_API_KEY"),
-        transport=_transport(args.transport, args.timeout),
-        middleware=stack,
-    )
-    # RateLimit and SharedRateLimit both keep the seconds calls spent waiting in ``waited``.
-    limiter: Any = next((m for m in stack if hasattr(m, "waited")), None)
-    retry = next(m for m in stack if isinstance(m, Retry))
-    runner = BatchRunner(client, options)
-    view = ProgressView(pre.total, enabled=not getattr(args, "no_progress", False))
-    started = time.monotonic()
-
-    def wait() -> float:
-        return limiter.waited if limiter is not None else 0.0
-
-    async def watch_signals() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            count = 0
-            async for _ in signals:
-                count += 1
-                if count == 1:
-                    print(
-                        f"\ncorral: stopping; {runner.in_flight} in flight may finish "
-                        "(Ctrl-C again to stop now)",
-                        file=sys.stderr,
-                    )
-                    runner.stop()
-                else:
-                    runner.abort()
-
-    async def draw() -> None:
-        while True:
-            view.update(runner.report, wait())
-            await anyio.sleep(0.2)
-
-    async with client, anyio.create_task_group() as tg:
-        tg.start_soon(watch_signals)
-        tg.start_soon(draw)
-        await runner.run(pre)
-        tg.cancel_scope.cancel()
-    view.update(runner.report, wait(), force=True)
-    view.close()
-    report = runner.report
-    metrics = client.metrics.snapshot() if client.metrics is not None else None
-    summary = summary_dict(report, metrics, wait(), time.monotonic() - started, retry.retries)
-    if getattr(args, "json", False):
-        print(json.dumps(summary, indent=2))
-    else:
-        print(
-            f"\ncorral run summary ({options.output})\n{format_summary(summary)}", file=sys.stderr
-        )
-    if report.interrupted:
-        print(
-            f"corral: interrupted; rerun the same command to resume (done ids are skipped):\n"
-            f"  corral run {options.input} -o {options.output}",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
-    failed = sum(report.failed.values())
-    if failed and not getattr(args, "allow_failures", False):
-        print(
-            f"corral: {failed} request(s) failed; see the error field in {options.output}, "
-            "or rerun with --retry-failed",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def _cache(args: argparse.Namespace) -> Cache | None:
-    rules = CacheRules(ttl=getattr(args, "cache_ttl", None))
-    if getattr(args, "redis", None):
-        from corral.stores.redis import RedisStore
-
-        return Cache(RedisStore(args.redis), rules)
-    if getattr(args, "cache", None):
-        from corral.stores import SQLiteStore
-
-        return Cache(SQLiteStore(args.cache), rules)
-    return None
 
 
 def _dry_run(args: argparse.Namespace) -> int:
-    options = BatchOptions(input=args.input, output=args.output, model=args.model)
+    check_input(args.input)
+    options = BatchOptions(input=args.input, output=args.output, model=args.model, shard=args.shard)
     pre = preflight(options)
-    est = estimate_cost(options)
+    done = scan_output(args.output, repair=False).done if args.output.is_file() else None
+    est = estimate_cost(options, done=done)
     result = {
         "lines": pre.total,
         "bad_lines": pre.bad_count,
+        "already_done": len(done) if done is not None else 0,
         "requests": est.requests,
         "input_tokens_estimate": est.input_tokens,
         "max_output_tokens": est.max_output_tokens,
@@ -293,7 +305,7 @@ def _dry_run(args: argparse.Namespace) -> int:
         "unpriced_models": list(est.unpriced_models),
     }
     print(json.dumps(result, indent=2))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -305,93 +317,87 @@ def _prepare(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"corral: {problem}", file=sys.stderr)
     print(f"corral: wrote {written} request(s) to {args.output}", file=sys.stderr)
-    return EXIT_FAILED if problems else EXIT_OK
+    return ExitCode.FAILED if problems else ExitCode.OK
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from corral.testing.emulator import EmulatorConfig, Fault, Latency
-    from corral.testing.server import serve_forever
+def _faults(specs: Sequence[str]) -> dict[Any, float]:
+    from corral.testing.emulator import Fault
 
+    kinds = ", ".join(f.value for f in Fault)
     faults = {}
-    for spec in args.fault:
+    for spec in specs:
         kind, _, rate = spec.partition("=")
         try:
-            faults[Fault(kind)] = float(rate)
+            fault, probability = Fault(kind), float(rate)
         except ValueError:
-            kinds = ", ".join(f.value for f in Fault)
             raise InvalidInput(
                 f"--fault {spec!r}: expected KIND=RATE with KIND one of {kinds}"
             ) from None
+        if not 0 <= probability <= 1:
+            raise InvalidInput(f"--fault {spec!r}: the rate is a probability from 0 to 1")
+        faults[fault] = probability
+    if sum(faults.values()) > 1:
+        raise InvalidInput(f"--fault rates add up to {sum(faults.values()):g}; at most 1")
+    return faults
+
+
+def _latency(text: str) -> Any:
+    from corral.testing.emulator import Latency
+
+    kind, _, params = text.partition(":")
+    try:
+        latency = Latency.parse(text)
+        values = [float(v) for v in params.split(",")] if params else [float(kind)]
+    except ValueError:
+        latency, values = None, []
+    if (
+        latency is None
+        or latency.kind not in ("fixed", "uniform", "lognormal")
+        or not all(math.isfinite(v) and v >= 0 for v in values)
+    ):
+        raise InvalidInput(
+            f"--latency {text!r}: expected SECONDS (0.05), uniform:LOW,HIGH or "
+            "lognormal:MEDIAN,SIGMA with non-negative numbers"
+        )
+    return latency
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from corral.testing.emulator import EmulatorConfig
+    from corral.testing.server import serve_forever
+
     config = EmulatorConfig(
         api_keys=frozenset(args.api_key) if args.api_key else None,
-        latency=Latency.parse(args.latency),
+        latency=_latency(args.latency),
         tokens_per_second=args.tokens_per_second,
         rpm=args.rpm,
         tpm=args.tpm,
-        faults=faults,
+        faults=_faults(args.fault),
         seed=args.seed,
+        any_model=args.any_model,
     )
-    serve_forever(config, args.host, args.port)
-    return EXIT_OK
+    if args.models:
+        config = attrs.evolve(config, models=frozenset(m.strip() for m in args.models.split(",")))
+    try:
+        serve_forever(config, args.host, args.port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise InvalidInput(
+                f"port {args.port} on {args.host} is already in use; pick another with --port"
+            ) from None
+        raise InvalidInput(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    return ExitCode.OK
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from corral.demo import DEMO_EMULATOR, DEMO_LIMITS, write_reviews
-    from corral.testing.server import serve_in_thread
+    from corral.demo import run_demo
 
-    args.dir.mkdir(parents=True, exist_ok=True)
-    source, output = args.dir / "reviews.jsonl", args.dir / "results.jsonl"
-    write_reviews(source, args.requests)
-    output.unlink(missing_ok=True)
-    print(
-        f"corral demo: {args.requests} reviews -> {source}\n"
-        f"  emulator: {DEMO_LIMITS['rpm']} RPM, {DEMO_LIMITS['tpm']} TPM, ~80 ms latency, "
-        "6% injected faults (500, 503, 429, resets, malformed and truncated bodies)\n"
-        "  corral:   the same RPM/TPM, retries with backoff, concurrency 128",
-        file=sys.stderr,
-    )
-    with serve_in_thread(DEMO_EMULATOR) as emu:
-        run_args = argparse.Namespace(
-            input=source,
-            output=output,
-            concurrency=128,
-            retries=6,
-            retry_budget=0.2,
-            timeout=30.0,
-            transport="h11",
-            json=args.json,
-            **DEMO_LIMITS,
-        )
-        code = anyio.run(
-            _run_batch, run_args, emu.base_url, "sk-corral-demo-key", backend=args.backend
-        )
-        counts = emu.counts
-    tally: dict[str, int] = {}
-    with output.open("rb") as f:
-        for raw in f:
-            record = json.loads(raw)
-            if record["error"] is None:
-                answer = record["response"]["body"]["choices"][0]["message"]["content"]
-                tally[answer] = tally.get(answer, 0) + 1
-    injected = {
-        k: v
-        for k, v in counts.items()
-        if k not in ("ok", "received", "connections", "rate_limited")
-    }
-    print(
-        f"\n  emulator saw {counts.get('received', 0)} requests for {args.requests} reviews: "
-        f"{counts.get('ok', 0)} ok\n"
-        f"  429s from its RPM/TPM limiter: {counts.get('rate_limited', 0)} "
-        f"(corral kept under the quota)\n"
-        f"  injected faults (each retried by corral): {injected}\n"
-        f"  sentiment: {tally}\n  results: {output}",
-        file=sys.stderr,
-    )
-    return code
+    return run_demo(args.requests, args.dir, backend=args.backend, json_summary=args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(words)
     logging.basicConfig(
         level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -404,10 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _prepare(args)
         if args.dry_run:
             return _dry_run(args)
-        return anyio.run(_run_batch, args, args.base_url, None, backend=args.backend)
+        job = _job(args, words)
+        result = anyio.run(run_job, job, backend=args.backend)
+        return int(result.exit_code)
     except InvalidInput as exc:
         print(f"corral: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        return ExitCode.REFUSED
 
 
 def _entry() -> None:  # pragma: no cover - console script

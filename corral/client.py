@@ -45,24 +45,46 @@ from corral.transports.base import Transport
 __all__ = ["Client", "MapResult", "SyncClient", "default_middleware", "resolve_api_key"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-_PLACEHOLDERS = {"sk-...", "sk-xxx", "your-api-key", "your_api_key", "changeme", "none", "null"}
+_PLACEHOLDERS = {"your-api-key", "your_api_key", "changeme", "none", "null", "undefined"}
 
 
-def resolve_api_key(api_key: str | None, api_key_env: str = "OPENAI_API_KEY") -> str:
-    """The key to use, or ``InvalidInput`` saying exactly how to provide one."""
-    key = (
-        api_key
-        if api_key is not None
-        else (os.environ.get("CORRAL_API_KEY") or os.environ.get(api_key_env))
+def _placeholder(key: str) -> bool:
+    """Keys copied from docs (``sk-...``, ``sk-xxxxxxxx``, ``<your key>``), not real ones."""
+    lowered = key.lower()
+    filler = lowered.removeprefix("sk-").removeprefix("proj-")
+    return (
+        lowered in _PLACEHOLDERS
+        or set(filler) <= set("x.*-_")
+        or (key.startswith("<") and key.endswith(">"))
+        or key.startswith("$")
+        or ("your" in lowered and "key" in lowered)
     )
-    how = (
-        f"pass api_key=... or set {api_key_env} (or CORRAL_API_KEY), e.g. "
-        f"`export {api_key_env}=sk-your-real-key`"
+
+
+def resolve_api_key(
+    api_key: str | None, api_key_env: str | None = None, *, hint: str | None = None
+) -> str:
+    """The key to use, or ``InvalidInput`` saying exactly how to provide one.
+
+    ``api_key_env`` names the one variable to read; without it CORRAL_API_KEY, then
+    OPENAI_API_KEY. ``hint`` replaces the how-to (the CLI names its flag there).
+    """
+    if api_key is not None:
+        key: str | None = api_key
+    elif api_key_env is not None:
+        key = os.environ.get(api_key_env)
+    else:
+        key = os.environ.get("CORRAL_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    env = api_key_env or "OPENAI_API_KEY"
+    how = hint or (
+        f"pass api_key=... or set {env}"
+        + ("" if api_key_env else " (or CORRAL_API_KEY)")
+        + f", e.g. `export {env}=sk-your-real-key`"
     )
     if key is None or not key.strip():
         raise errors.InvalidInput(f"no API key: {how}")
     stripped = key.strip()
-    if stripped.lower() in _PLACEHOLDERS or (stripped.startswith("<") and stripped.endswith(">")):
+    if _placeholder(stripped):
         raise errors.InvalidInput(f"the API key is a placeholder, not a real key: {how}")
     return stripped
 
@@ -125,7 +147,7 @@ class Client:
         base_url: str | None = None,
         api_key: str | None = None,
         *,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = None,
         transport: Transport | None = None,
         middleware: Sequence[Middleware] | None = None,
         timeouts: Timeouts | None = None,

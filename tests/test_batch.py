@@ -104,7 +104,7 @@ async def test_resume_skips_done_and_repairs_a_torn_tail(
     before = emulator.counts["received"]
     runner = await run(emulator, BatchOptions(source, out))
     assert runner.report.skipped == 10 and runner.report.sent == 20
-    assert runner.report.repaired_bytes > 0
+    assert runner.report.before.repaired_bytes > 0
     assert emulator.counts["received"] - before == 20
     ids = Counter(r["custom_id"] for r in read_output(out))
     assert len(ids) == 30 and set(ids.values()) == {1}
@@ -180,10 +180,10 @@ def test_cli_run_summary_and_exit_codes(
         ]
         assert main(args) == 1  # the bad line is a failure
         summary = json.loads(capsys.readouterr().out)
-        assert summary["succeeded"] == 20 and summary["bad_lines"] == 1
-        assert summary["latency_s"]["p50"] > 0
+        assert summary["this_run"]["succeeded"] == 20 and summary["this_run"]["bad_lines"] == 1
+        assert summary["latency_incl_waits_s"]["p50"] > 0
         assert main([*args, "--allow-failures"]) == 0  # resumed: nothing left to send
-        assert json.loads(capsys.readouterr().out)["skipped_already_done"] == 21
+        assert json.loads(capsys.readouterr().out)["this_run"]["skipped_already_done"] == 21
     monkeypatch.setenv("OPENAI_API_KEY", "")
     monkeypatch.delenv("CORRAL_API_KEY", raising=False)
     assert main(["run", str(source), "-o", str(out)]) == 2
@@ -203,7 +203,7 @@ def test_cli_runs_on_every_transport(
     with serve_in_thread() as emu:
         args = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", emu.base_url]
         assert main([*args, "--json", "--no-progress", "--transport", transport]) == 0
-        assert json.loads(capsys.readouterr().out)["succeeded"] == 10
+        assert json.loads(capsys.readouterr().out)["this_run"]["succeeded"] == 10
         assert emu.counts["received"] == 10
 
 

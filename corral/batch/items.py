@@ -7,13 +7,14 @@ Bad lines are values, not exceptions, so one bad line never stops the others.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import heapq
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -40,6 +41,11 @@ class BadLine:
 
     def where(self, path: Path) -> str:
         return f"{path}:{self.line}"
+
+    @property
+    def record_id(self) -> str:
+        """The custom_id its error record carries: its own, or ``line-N`` like a bare body."""
+        return self.custom_id or f"line-{self.line}"
 
 
 def parse_line(line_no: int, raw: bytes) -> BatchItem | BadLine | None:
@@ -77,10 +83,22 @@ def parse_line(line_no: int, raw: bytes) -> BatchItem | BadLine | None:
     return BatchItem(line_no, custom_id, url, body)
 
 
-def read_items(path: Path) -> Iterator[BatchItem | BadLine]:
-    """Stream the file; memory does not grow with its length."""
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+def read_items(path: Path, *, hasher: _Hasher | None = None) -> Iterator[BatchItem | BadLine]:
+    """Stream the file; memory does not grow with its length.
+
+    A UTF-8 byte order mark (editors on Windows write one) is skipped, so line 1 keeps its
+    custom_id. ``hasher`` sees every raw byte, for the run manifest's input fingerprint.
+    """
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if hasher is not None:
+                hasher.update(raw)
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
             item = parse_line(line_no, raw)
             if item is not None:
                 yield item

@@ -2,6 +2,11 @@
 
 rich (the ``cli`` extra) draws the live bar and the summary table; without it a line is
 printed to stderr every few seconds, which also suits logs and CI.
+
+The summary counts what the output file holds (earlier runs and this one), because that is
+what the user has; this run's own counts come beside it. Latency is shown three ways: the
+whole call as the caller saw it, the answering attempt's time on the wire, and the waits in
+between (quota, concurrency slots, backoff, earlier attempts), each per call.
 """
 
 from __future__ import annotations
@@ -10,68 +15,109 @@ import sys
 import time
 from typing import Any, TextIO
 
-from corral.batch.runner import BatchReport
+from corral.batch.runner import BatchReport, BatchRunner
 
 __all__ = ["ProgressView", "format_summary", "summary_dict"]
+
+_QUANTILES = ("p50", "p95", "max", "mean")
+
+
+def _seconds(
+    values: dict[str, float] | None, keys: tuple[str, ...] = _QUANTILES
+) -> dict[str, float]:
+    values = values or {}
+    return {k: round(values.get(k, 0.0), 4) for k in keys}
 
 
 def summary_dict(
     report: BatchReport,
     metrics: dict[str, Any] | None,
-    limiter_wait: float,
     elapsed: float,
     retries: dict[str, int],
+    *,
+    limiter_wait_total: float = 0.0,
+    transport_resends: int = 0,
 ) -> dict[str, Any]:
-    latency = (metrics or {}).get("latency_s", {})
-    ttfb = (metrics or {}).get("time_to_first_byte_s", {})
+    metrics = metrics or {}
+    calls = max(1, metrics.get("count", 0))
+    file_failed = report.file_failed
     return {
-        "total_lines": report.total,
-        "skipped_already_done": report.skipped,
-        "sent": report.sent,
-        "succeeded": report.succeeded,
-        "failed": sum(report.failed.values()),
-        "errors_by_kind": dict(report.failed),
-        "bad_lines": report.bad_lines,
-        "retries_by_kind": retries,
+        "output_file": {
+            "records": report.file_succeeded + sum(file_failed.values()),
+            "succeeded": report.file_succeeded,
+            "failed": sum(file_failed.values()),
+            "failed_by_kind": dict(file_failed),
+            "not_yet_written": report.unsent,
+        },
+        "this_run": {
+            "lines": report.total,
+            "skipped_already_done": report.skipped,
+            "sent": report.sent,
+            "resent_after_outage": report.resent,
+            "succeeded": report.succeeded,
+            "failed": sum(report.failed.values()),
+            "failed_by_kind": dict(report.failed),
+            "bad_lines": report.bad_lines,
+            "retries_by_kind": retries,
+            "transport_resends": transport_resends,
+        },
         "interrupted": report.interrupted,
+        "stopped": report.stopped.reason if report.stopped is not None else None,
         "elapsed_s": round(elapsed, 3),
         "requests_per_second": round(report.done / elapsed, 2) if elapsed > 0 else 0.0,
-        "latency_s": {k: round(latency.get(k, 0.0), 4) for k in ("p50", "p95", "p99", "max")},
-        "time_to_first_byte_s": {k: round(ttfb.get(k, 0.0), 4) for k in ("p50", "p99")},
+        "latency_incl_waits_s": _seconds(metrics.get("latency_s")),
+        "service_latency_s": _seconds(metrics.get("service_latency_s")),
+        "wait_per_call_s": _seconds(metrics.get("wait_per_call_s")),
+        "rate_limit_wait_per_call_s": round(limiter_wait_total / calls, 4),
+        "time_to_first_byte_s": _seconds(metrics.get("time_to_first_byte_s"), ("p50", "p99")),
         "tokens": {"input": report.tokens_in, "output": report.tokens_out},
-        "cost_usd": (metrics or {}).get("cost_usd", 0.0),
-        "cache_hit_rate": (metrics or {}).get("cache_hit_rate", 0.0),
-        "limiter_wait_s": round(limiter_wait, 3),
-        "repaired_bytes": report.repaired_bytes,
+        "cost_usd": metrics.get("cost_usd", 0.0),
+        "cache_hit_rate": metrics.get("cache_hit_rate", 0.0),
+        "repaired_bytes": report.before.repaired_bytes,
     }
+
+
+def _ms(values: dict[str, float]) -> str:
+    return " / ".join(f"{values[k] * 1000:.0f}" for k in ("p50", "p95", "max")) + " ms"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table (used when rich is absent, and in logs)."""
+    held, run = summary["output_file"], summary["this_run"]
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(held["failed_by_kind"].items()))
     rows = [
         (
-            "succeeded",
-            f"{summary['succeeded']} of {summary['sent']} sent"
-            f" ({summary['skipped_already_done']} already done)",
+            "output file",
+            f"{held['succeeded']} succeeded, {held['failed']} failed"
+            + (f" ({kinds})" if kinds else "")
+            + (f", {held['not_yet_written']} not yet written" if held["not_yet_written"] else ""),
         ),
-        ("failed", f"{summary['failed']} {summary['errors_by_kind'] or ''}".strip()),
-        ("bad input lines", str(summary["bad_lines"])),
-        ("retries", str(summary["retries_by_kind"] or 0)),
-        ("throughput", f"{summary['requests_per_second']} req/s over {summary['elapsed_s']} s"),
         (
-            "latency p50/p95/p99",
-            " / ".join(f"{summary['latency_s'][k] * 1000:.0f} ms" for k in ("p50", "p95", "p99")),
+            "this run",
+            f"{run['sent']} sent, {run['succeeded']} succeeded, {run['failed']} failed"
+            f" ({run['skipped_already_done']} already done)",
         ),
-        ("time to first byte p50", f"{summary['time_to_first_byte_s']['p50'] * 1000:.0f} ms"),
+        ("bad input lines", str(run["bad_lines"])),
+        ("retries", str(run["retries_by_kind"] or 0)),
+        (
+            "re-sends",
+            f"{run['transport_resends']} by the transport (stale connections), "
+            f"{run['resent_after_outage']} after an outage",
+        ),
+        ("throughput", f"{summary['requests_per_second']} req/s over {summary['elapsed_s']} s"),
+        ("latency p50/p95/max", f"{_ms(summary['latency_incl_waits_s'])} per call, waits included"),
+        ("  on the wire", f"{_ms(summary['service_latency_s'])} (the answering attempt)"),
+        (
+            "  waiting",
+            f"{_ms(summary['wait_per_call_s'])} per call (quota, slots, backoff); "
+            f"rate limit {summary['rate_limit_wait_per_call_s']:.3f} s per call on average",
+        ),
         ("tokens in/out", f"{summary['tokens']['input']} / {summary['tokens']['output']}"),
         ("cost", f"${summary['cost_usd']:.4f}"),
         ("cache hit rate", f"{summary['cache_hit_rate']:.1%}"),
-        (
-            "rate-limit wait",
-            f"{summary['limiter_wait_s'] / max(1, summary['sent']):.2f} s per call "
-            f"(waiting for quota instead of getting 429s)",
-        ),
     ]
+    if summary["stopped"]:
+        rows.append(("stopped", summary["stopped"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
@@ -101,41 +147,40 @@ class ProgressView:
                 pass
             else:
                 self._rich = Progress(
-                    TextColumn("[bold]corral"),
+                    TextColumn("corral", markup=False),
                     BarColumn(),
                     TextColumn("{task.completed}/{task.total}"),
                     TimeRemainingColumn(),
-                    TextColumn("{task.fields[stats]}"),
+                    TextColumn("{task.fields[stats]}", markup=False),
                     transient=False,
                 )
                 self._task = self._rich.add_task("run", total=total, stats="")
                 self._rich.start()
 
-    def update(self, report: BatchReport, limiter_wait: float, *, force: bool = False) -> None:
+    def update(self, runner: BatchRunner, *, now: float, force: bool = False) -> None:
+        """Redraw from the runner; ``now`` is the run's clock (for the outage wait)."""
         if not self.enabled:
             return
-        now = time.monotonic()
-        if not force and now - self._last < (self._interval if self._rich else 2.0):
+        wall = time.monotonic()
+        if not force and wall - self._last < (self._interval if self._rich else 2.0):
             return
-        self._last = now
-        elapsed = max(now - self._start, 1e-9)
+        self._last = wall
+        report = runner.report
+        elapsed = max(wall - self._start, 1e-9)
         done = report.done + report.skipped
         rate = report.done / elapsed
         tokens = (report.tokens_in + report.tokens_out) / elapsed
         errors = sum(report.failed.values())
         stats = (
-            f"{rate:.0f} req/s  {tokens:.0f} tok/s  errors {errors}  "
-            f"limiter wait {limiter_wait:.0f}s"
+            f"{rate:.0f} req/s  {tokens:.0f} tok/s  errors {errors}  in flight {runner.in_flight}"
         )
+        if runner.waiting_since is not None:
+            stats += f"  waiting for the provider ({now - runner.waiting_since:.0f} s)"
         if self._rich is not None:
             self._rich.update(self._task, completed=done, stats=stats)
         else:
             eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "-"
-            print(
-                f"corral: {done}/{self.total}  {stats}  ETA {eta}",
-                file=self._stream,
-                flush=True,
-            )
+            print(f"corral: {done}/{self.total}  {stats}  ETA {eta}", file=self._stream, flush=True)
 
     def close(self) -> None:
         if self._rich is not None:

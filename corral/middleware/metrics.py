@@ -102,6 +102,10 @@ class Aggregator:
     outcomes: Counter[str] = attrs.field(factory=Counter)
     latency: Histogram = attrs.field(factory=Histogram)
     first_byte: Histogram = attrs.field(factory=Histogram)
+    #: The answering attempt's time on the wire (no quota waits, backoff or earlier attempts).
+    service: Histogram = attrs.field(factory=Histogram)
+    #: The rest of each call: waits for quota and slots, backoff, earlier attempts.
+    waits: Histogram = attrs.field(factory=Histogram)
     tokens_in: int = 0
     tokens_out: int = 0
     cost: float = 0.0
@@ -116,6 +120,7 @@ class Aggregator:
         first_byte: float | None = None,
         usage: Usage | None = None,
         from_cache: bool = False,
+        on_wire: float | None = None,
     ) -> None:
         """One finished call. Positional, plain branches: this runs on every call."""
         if self.started is None or start < self.started:
@@ -125,6 +130,9 @@ class Aggregator:
         outcomes = self.outcomes
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         self.latency.add(end - start)
+        if on_wire is not None and start <= on_wire <= end:  # a cached copy's timing is old
+            self.service.add(end - on_wire)
+            self.waits.add(on_wire - start)
         if first_byte is not None:
             self.first_byte.add(first_byte - start)
         if from_cache:
@@ -163,6 +171,8 @@ class Aggregator:
                 "max": self.latency.max,
                 "mean": self.latency.total / self.latency.count if self.latency.count else 0.0,
             },
+            "service_latency_s": _quantiles(self.service),
+            "wait_per_call_s": _quantiles(self.waits),
             "time_to_first_byte_s": {
                 "p50": self.first_byte.quantile(0.5),
                 "p99": self.first_byte.quantile(0.99),
@@ -192,6 +202,11 @@ class Aggregator:
         lines.append(f"# TYPE {prefix}_cache_hits_total counter")
         lines.append(f"{prefix}_cache_hits_total {self.cache_hits}")
         return "\n".join(lines) + "\n"
+
+
+def _quantiles(h: Histogram) -> dict[str, float]:
+    mean = h.total / h.count if h.count else 0.0
+    return {"p50": h.quantile(0.5), "p95": h.quantile(0.95), "max": h.max, "mean": mean}
 
 
 class Metrics:
@@ -224,5 +239,6 @@ class Metrics:
             None if timing is None else timing.first_byte,
             response_usage(response),
             response.from_cache,
+            None if timing is None else timing.started,
         )
         return response
