@@ -21,7 +21,9 @@ import anyio.from_thread
 import attrs
 
 from corral.core import errors
+from corral.core.classify import classify, scrub
 from corral.core.compose import Clock, Handler, Middleware, build_stack, current_time
+from corral.core.headers import SENSITIVE_HEADERS
 from corral.core.models import Request, RequestOptions, Response, Timeouts
 from corral.core.wire import (
     ChatChunk,
@@ -170,6 +172,7 @@ class Client:
         self.handler: Handler = build_stack(self.middleware, transport)
         self.model = model or os.environ.get("CORRAL_MODEL")
         self._headers = dict(headers or {})
+        self._secrets = _credentials(self._api_key, self._headers)
 
     def __repr__(self) -> str:
         return f"Client(base_url={self.base_url!r}, api_key=[redacted])"
@@ -197,6 +200,32 @@ class Client:
         """Send through the stack; returns the raw ``Response`` (error statuses included)."""
         return await self.handler(request)
 
+    def error_for(self, request: Request, response: Response) -> errors.APIError | None:
+        """The typed error a buffered ``response`` to ``request`` stands for, None for a success.
+
+        ``classify`` with this client's credentials scrubbed from the provider's text (a relay
+        may echo ``Authorization``) and the request's URL named in a not-found error.
+        """
+        return classify(
+            response.status,
+            response.headers,
+            response.body,
+            secrets=self._secrets,
+            url=request.url,
+        )
+
+    def scrub(self, text: str) -> str:
+        """``text`` with no piece of this client's credentials: for records built from what a
+        provider sent (a response body written to a file, say)."""
+        return scrub(text, self._secrets)
+
+    async def _checked(self, request: Request) -> Response:
+        response = await self.send(request)
+        error = self.error_for(request, response)
+        if error is not None:
+            raise error
+        return response
+
     def _chat_body(
         self, messages: Any, model: str | None, params: Mapping[str, Any]
     ) -> dict[str, Any]:
@@ -219,7 +248,8 @@ class Client:
         """One chat completion. Extra keyword arguments go into the request body as they are."""
         body = self._chat_body(messages, model, params)
         body.pop("stream", None)
-        return decode_chat(await self.send(self.request("/chat/completions", body)))
+        response = await self._checked(self.request("/chat/completions", body))
+        return decode_chat(response, secrets=self._secrets)
 
     async def stream_chat(
         self,
@@ -233,15 +263,16 @@ class Client:
         body = self._chat_body(messages, model, params)
         body["stream"] = True
         body.setdefault("stream_options", {"include_usage": True})
-        response = await self.send(self.request("/chat/completions", body))
+        request = self.request("/chat/completions", body)
+        response = await self.send(request)
         if response.stream is None:
-            raise_for_status(response)
+            raise_for_status(response, secrets=self._secrets, url=request.url)
             stream_bytes: AsyncIterator[bytes] = _once(response.body)
         else:
             if response.status >= 400:
-                raise_for_status(await response.aread())
+                raise_for_status(await response.aread(), secrets=self._secrets, url=request.url)
             stream_bytes = aiter(response.stream)
-        decoder = ChatStreamDecoder()
+        decoder = ChatStreamDecoder(secrets=self._secrets)
         try:
             while True:
                 try:
@@ -262,10 +293,12 @@ class Client:
 
     async def embed(self, input: str | Sequence[str], *, model: str, **params: Any) -> Embeddings:
         body = {"model": model, "input": input, **params}
-        return decode_embeddings(await self.send(self.request("/embeddings", body)))
+        response = await self._checked(self.request("/embeddings", body))
+        return decode_embeddings(response, secrets=self._secrets)
 
     async def models(self) -> list[str]:
-        return decode_models(await self.send(self.request("/models", None)))
+        response = await self._checked(self.request("/models", None))
+        return decode_models(response, secrets=self._secrets)
 
     async def map(
         self,
@@ -345,6 +378,16 @@ class Client:
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+def _credentials(api_key: str, headers: Mapping[str, str]) -> tuple[str, ...]:
+    """Every credential this client sends: the key, and any credential header's value (whole
+    and without its scheme), so ``scrub`` can keep all of them out of errors."""
+    found = {api_key}
+    for name, value in headers.items():
+        if name.lower() in SENSITIVE_HEADERS:
+            found |= {value, value.partition(" ")[2]}
+    return tuple(sorted(v for v in found if v.strip()))
 
 
 class SyncClient:

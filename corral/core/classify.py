@@ -44,6 +44,7 @@ __all__ = [
     "parse_retry_after",
     "parse_should_retry",
     "scrub",
+    "snippet",
 ]
 
 #: Any run of this many characters of a secret is masked (a piece that long identifies a key).
@@ -234,21 +235,32 @@ def _bounded(text: str, secrets: tuple[str, ...]) -> str:
     return scrub(text[: _MESSAGE + longest], secrets)[:_MESSAGE] + "..."
 
 
+def snippet(
+    raw: bytes, secrets: Iterable[str], limit: int = _SNIPPET, *, markup: bool = False
+) -> str:
+    """The first characters of provider bytes, safe to quote in an error: scrubbed of
+    ``secrets``, on one line (no line breaks or terminal escapes), at most ``limit`` characters.
+
+    ``markup``: read it as HTML (tags dropped, entities decoded), as a proxy's error page.
+    """
+    keys = tuple(s for s in secrets if s)
+    text = raw[:_BODY_WINDOW].decode("utf-8", "replace")
+    if len(raw) > _BODY_WINDOW:
+        # A secret cut by the window's end would escape the scrub: drop what could be one.
+        text = text[: -max(map(len, keys), default=0) or None]
+    if markup:
+        text = html.unescape(_TAG.sub(" ", text))
+    text = scrub(_CONTROL.sub(" ", text).strip(), keys)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _body_text(headers: Headers, body: bytes, secrets: tuple[str, ...]) -> str:
-    """The first characters of a body that is not an OpenAI error, scrubbed, on one line:
-    ``text/html body: 404 Not Found ...``. Tags and entities are read as an HTML page's text."""
+    """A body that is not an OpenAI error, as a message: ``text/html body: 404 Not Found``."""
     if not body:
         return "empty body"
-    window = body[:_BODY_WINDOW].decode("utf-8", "replace")
-    if len(body) > _BODY_WINDOW:
-        # A secret cut by the window's end would escape the scrub: drop what could be one.
-        window = window[: -max(map(len, secrets), default=0) or None]
     media = (headers.get("content-type") or "").partition(";")[0].strip().lower()
-    if "html" in media or window.lstrip()[:1] == "<":
-        window = html.unescape(_TAG.sub(" ", window))
-    text = scrub(_CONTROL.sub(" ", window).strip(), secrets)
-    if len(text) > _SNIPPET:
-        text = text[:_SNIPPET] + "..."
+    markup = "html" in media or body[:_BODY_WINDOW].lstrip()[:1] == b"<"
+    text = snippet(body, secrets, markup=markup)
     return f"{media or 'unlabelled'} body: {text}" if text else "blank body"
 
 

@@ -7,14 +7,14 @@ next to the typed fields so nothing the provider sent is lost.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import attrs
 
 from corral.core import jsonlib
-from corral.core.classify import classify
-from corral.core.errors import MalformedResponse, RemoteProtocolError
+from corral.core.classify import classify, snippet
+from corral.core.errors import MalformedResponse, RemoteProtocolError, ResponseTooLarge
 from corral.core.headers import Headers
 from corral.core.models import Request, RequestOptions, Response
 from corral.core.sse import SSEParser
@@ -79,22 +79,28 @@ def api_request(
     )
 
 
-def raise_for_status(response: Response) -> None:
-    """Raise the typed error a buffered error response stands for."""
-    error = classify(response.status, response.headers, response.body)
+def raise_for_status(
+    response: Response, *, secrets: Iterable[str] = (), url: str | None = None
+) -> None:
+    """Raise the typed error a buffered error response stands for (``classify`` says how
+    ``secrets`` and ``url`` are used)."""
+    error = classify(response.status, response.headers, response.body, secrets=secrets, url=url)
     if error is not None:
         raise error
 
 
-def decode_json(response: Response) -> Mapping[str, Any]:
-    """The JSON object of a buffered success; errors and bad bodies raise typed errors."""
-    raise_for_status(response)
+def decode_json(response: Response, *, secrets: Iterable[str] = ()) -> Mapping[str, Any]:
+    """The JSON object of a buffered success; errors and bad bodies raise typed errors.
+
+    ``secrets``: the request's credentials, scrubbed from any body text an error quotes.
+    """
+    raise_for_status(response, secrets=secrets)
     try:
         data = response.json()
     except jsonlib.JSONDecodeError as exc:
-        preview = response.body[:80]
+        preview = snippet(response.body, secrets, 80)
         raise MalformedResponse(
-            f"HTTP {response.status} body is not JSON ({exc.__class__.__name__}): {preview!r}",
+            f"HTTP {response.status} body is not JSON ({exc.__class__.__name__}): {preview}",
             status=response.status,
         ) from None
     if not isinstance(data, Mapping):
@@ -222,8 +228,8 @@ def parse_chat(data: Mapping[str, Any]) -> ChatCompletion:
     )
 
 
-def decode_chat(response: Response) -> ChatCompletion:
-    return parse_chat(decode_json(response))
+def decode_chat(response: Response, *, secrets: Iterable[str] = ()) -> ChatCompletion:
+    return parse_chat(decode_json(response, secrets=secrets))
 
 
 @attrs.frozen
@@ -282,18 +288,25 @@ class UsageWatcher:
     """Finds the ``usage`` a chat stream reports (with stream_options.include_usage); sans-IO.
 
     Cheaper than decoding the stream: only events that mention ``"usage"`` are parsed. Layers
-    that pass a stream through (rate limit, metrics) use it to learn what the call cost.
+    that pass a stream through (rate limit, metrics) use it to learn what the call cost. A
+    stream the parser refuses (a line over its cap) is not the watcher's to fail: it stops
+    watching and lets the bytes pass to whoever reads them.
     """
 
     def __init__(self) -> None:
-        self._sse = SSEParser()
+        self._sse: SSEParser | None = SSEParser()
         self.usage: Usage | None = None
 
     def feed(self, data: bytes) -> Usage | None:
         """The usage, the first time a fed piece completes the event that carries it."""
-        if self.usage is not None:
+        if self.usage is not None or self._sse is None:
             return None
-        for event in self._sse.feed(data):
+        try:
+            events = self._sse.feed(data)
+        except ResponseTooLarge:
+            self._sse = None
+            return None
+        for event in events:
             if '"usage"' not in event.data:
                 continue
             try:
@@ -311,11 +324,13 @@ class ChatStreamDecoder:
     """Bytes of a chat-completions SSE stream in, ``ChatChunk``s out; sans-IO.
 
     ``close()`` raises ``RemoteProtocolError`` if the stream ended before ``data: [DONE]``: a
-    truncated stream must not pass for a complete answer.
+    truncated stream must not pass for a complete answer. ``secrets`` are scrubbed from any
+    event text an error quotes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, secrets: Iterable[str] = ()) -> None:
         self._sse = SSEParser()
+        self._secrets = tuple(secrets)
         self.done = False
 
     def feed(self, data: bytes) -> list[ChatChunk]:
@@ -340,14 +355,16 @@ class ChatStreamDecoder:
             try:
                 data = jsonlib.loads(event.data)
             except jsonlib.JSONDecodeError:
-                raise MalformedResponse(f"stream event is not JSON: {event.data[:80]!r}") from None
+                preview = snippet(event.data.encode(), self._secrets, 80)
+                raise MalformedResponse(f"stream event is not JSON: {preview}") from None
             if not isinstance(data, Mapping):
                 raise MalformedResponse("stream event is not a JSON object")
             if "error" in data:
                 message = data["error"]
                 if isinstance(message, Mapping):
                     message = message.get("message")
-                raise MalformedResponse(f"provider sent an error mid-stream: {message}")
+                text = snippet(str(message).encode(), self._secrets, 200)
+                raise MalformedResponse(f"provider sent an error mid-stream: {text}")
             chunks.append(parse_chunk(data))
         return chunks
 
@@ -411,8 +428,8 @@ class Embeddings:
     usage: Usage | None
 
 
-def decode_embeddings(response: Response) -> Embeddings:
-    data = decode_json(response)
+def decode_embeddings(response: Response, *, secrets: Iterable[str] = ()) -> Embeddings:
+    data = decode_json(response, secrets=secrets)
     items = data.get("data")
     if not isinstance(items, list):
         raise _field_error("embeddings", "data")
@@ -425,8 +442,8 @@ def decode_embeddings(response: Response) -> Embeddings:
     return Embeddings(tuple(vectors), _str(data.get("model")), Usage.parse(data.get("usage")))
 
 
-def decode_models(response: Response) -> list[str]:
-    data = decode_json(response)
+def decode_models(response: Response, *, secrets: Iterable[str] = ()) -> list[str]:
+    data = decode_json(response, secrets=secrets)
     items = data.get("data")
     if not isinstance(items, list):
         raise _field_error("models", "data")
