@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import anyio
 import httpx
 import httpx2
@@ -10,7 +12,12 @@ import pytest
 
 from corral.client import default_middleware
 from corral.core import build_stack
-from corral.integrations.httpx_adapter import corral_async_transport, corral_sync_transport
+from corral.core.models import Timeouts
+from corral.integrations.httpx_adapter import (
+    corral_async_transport,
+    corral_sync_transport,
+    request_timeouts,
+)
 from corral.testing.emulator import EmulatorConfig, Fault
 from corral.testing.server import RunningEmulator, serve_in_thread
 from corral.transports import H11Transport
@@ -103,3 +110,51 @@ async def test_wire_errors_become_the_packages_own() -> None:
     with pytest.raises(openai.APIConnectionError):
         await client.chat.completions.create(model="m", messages=MESSAGES)
     await client.close()
+
+
+HANGING = EmulatorConfig(faults={Fault.HANG: 1.0}, hang_seconds=120)
+
+
+async def test_sdk_timeout_bounds_each_attempt_async() -> None:
+    """AsyncOpenAI(timeout=1) against a server that never answers: APITimeoutError after about
+    1 s per attempt, not the transport's own 600 s read timeout."""
+    with serve_in_thread(HANGING) as emu:
+        handler, transport = stack(max_attempts=2)
+        http = httpx2.AsyncClient(transport=corral_async_transport(handler, owned=transport))
+        client = openai.AsyncOpenAI(
+            base_url=emu.base_url, api_key=CANARY_KEY, max_retries=0, timeout=1, http_client=http
+        )
+        with anyio.fail_after(15), pytest.raises(openai.APITimeoutError):
+            await client.chat.completions.create(model="m", messages=MESSAGES)
+        await client.close()
+    assert emu.counts["received"] == 2  # corral's Retry repeated the timed-out attempt once
+
+
+def test_sdk_timeout_bounds_each_attempt_sync() -> None:
+    with serve_in_thread(HANGING) as emu:
+        handler, transport = stack(max_attempts=1)
+        http = httpx2.Client(transport=corral_sync_transport(handler, owned=transport))
+        client = openai.OpenAI(
+            base_url=emu.base_url, api_key=CANARY_KEY, max_retries=0, http_client=http
+        )
+        raised: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.with_options(timeout=1).chat.completions.create(model="m", messages=MESSAGES)
+            except BaseException as exc:
+                raised.append(exc)
+
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        worker.join(15)  # bounded: the old adapter waited out the 600 s read timeout
+        assert not worker.is_alive()
+        client.close()
+    assert len(raised) == 1 and isinstance(raised[0], openai.APITimeoutError)
+
+
+def test_the_timeout_extension_becomes_the_requests_timeouts() -> None:
+    request = httpx2.Request("POST", "http://x/v1", json={"model": "m"})
+    request.extensions["timeout"] = {"connect": 1.0, "read": 2.0, "write": None, "pool": 4.0}
+    assert request_timeouts(request) == Timeouts(connect=1.0, read=2.0, write=None, pool=4.0)
+    assert request_timeouts(httpx2.Request("GET", "http://x/")) is None

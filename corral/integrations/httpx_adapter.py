@@ -4,6 +4,11 @@
 the official SDK's requests pass through corral's rate limits, retries, cache and metrics;
 turn the SDK's own retries off (``max_retries=0``) so a 429 storm is handled once, by corral.
 
+The SDK's timeout (``OpenAI(timeout=...)``, ``with_options(timeout=...)``) reaches a transport
+as ``request.extensions["timeout"]``; it becomes the corral request's ``Timeouts``, so it bounds
+each attempt's connect/read/write/pool phases exactly as it does in httpx. corral's Retry may
+repeat a timed-out attempt (``max_attempts``); a ``Deadline`` bounds the whole call.
+
 The same classes serve both packages: ``transports_for(httpx)`` or ``transports_for(httpx2)``
 returns an async and a sync transport class bound to that package's types. The sync one runs
 the stack on an event loop in a background thread.
@@ -12,7 +17,7 @@ the stack on an event loop in a background thread.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -20,14 +25,43 @@ import anyio.from_thread
 
 from corral.core import errors, jsonlib
 from corral.core.compose import Handler
-from corral.core.models import Request, RequestOptions, Response
+from corral.core.models import Request, RequestOptions, Response, Timeouts
 
-__all__ = ["corral_async_transport", "corral_sync_transport", "transports_for"]
+__all__ = [
+    "corral_async_transport",
+    "corral_sync_transport",
+    "request_timeouts",
+    "to_corral",
+    "transports_for",
+]
 
 
-def to_corral(method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Request:
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def request_timeouts(request: Any) -> Timeouts | None:
+    """The per-phase timeouts an httpx request carries (``extensions["timeout"]``), if any."""
+    timeout = request.extensions.get("timeout")
+    if not isinstance(timeout, Mapping):
+        return None
+    return Timeouts(
+        connect=_seconds(timeout.get("connect")),
+        read=_seconds(timeout.get("read")),
+        write=_seconds(timeout.get("write")),
+        pool=_seconds(timeout.get("pool")),
+    )
+
+
+def to_corral(
+    method: str,
+    url: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    timeouts: Timeouts | None = None,
+) -> Request:
     """An httpx request as a corral ``Request``, with ``stream``/``model`` read from its JSON."""
-    options = RequestOptions()
+    options = RequestOptions(timeouts=timeouts)
     if body[:1] == b"{":
         try:
             data = jsonlib.loads(body)
@@ -36,9 +70,16 @@ def to_corral(method: str, url: str, headers: list[tuple[str, str]], body: bytes
         if isinstance(data, dict):
             model = data.get("model")
             options = RequestOptions(
-                model=model if isinstance(model, str) else None, stream=bool(data.get("stream"))
+                model=model if isinstance(model, str) else None,
+                stream=bool(data.get("stream")),
+                timeouts=timeouts,
             )
     return Request(method, url, headers, body, options)
+
+
+def _corral_request(request: Any, body: bytes) -> Request:
+    headers = list(request.headers.multi_items())
+    return to_corral(request.method, str(request.url), headers, body, request_timeouts(request))
 
 
 def _map_error(module: ModuleType, exc: errors.CorralError) -> Exception:
@@ -89,10 +130,7 @@ def transports_for(module: ModuleType) -> tuple[type[Any], type[Any]]:
             self._owned = owned  # a corral transport to close with this one
 
         async def handle_async_request(self, request: Any) -> Any:
-            body = await request.aread()
-            corral_request = to_corral(
-                request.method, str(request.url), list(request.headers.multi_items()), body
-            )
+            corral_request = _corral_request(request, await request.aread())
             try:
                 response = await self._handler(corral_request)
             except errors.CorralError as exc:
@@ -146,10 +184,7 @@ def transports_for(module: ModuleType) -> tuple[type[Any], type[Any]]:
             self._portal = self._portal_cm.__enter__()
 
         def handle_request(self, request: Any) -> Any:
-            body = request.read()
-            corral_request = to_corral(
-                request.method, str(request.url), list(request.headers.multi_items()), body
-            )
+            corral_request = _corral_request(request, request.read())
             try:
                 response = self._portal.call(self._handler, corral_request)
             except errors.CorralError as exc:
