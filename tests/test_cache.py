@@ -239,3 +239,34 @@ async def test_sqlite_purges_expired_rows(tmp_path: Path) -> None:
     assert store.purge_expired() == 1
     assert await store.get("new") == b"y"
     await store.aclose()
+
+
+async def test_a_loop_of_cache_hits_still_honours_cancellation() -> None:
+    """Hits never wait on I/O, yet a 10 ms deadline stops a loop of 200k of them."""
+    stack = build_stack([Cache(MemoryStore())], MemoryTransport(ok_json))
+    await stack(req())
+    done = 0
+    with anyio.move_on_after(0.01):
+        while done < 200_000:
+            assert (await stack(req())).from_cache
+            done += 1
+    assert done < 200_000  # stopped by the deadline, not by the end of the loop
+    done = 0
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        while done < 1_000:
+            done += 1
+            await stack(req())
+    assert scope.cancelled_caught and done <= 16
+
+
+async def test_a_loop_of_memory_store_reads_still_honours_cancellation() -> None:
+    store = MemoryStore()
+    await store.set("k", b"v", None)
+    done = 0
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        while done < 1_000:
+            done += 1
+            assert await store.get("k") == b"v"
+    assert scope.cancelled_caught and done <= 16

@@ -71,3 +71,23 @@ async def test_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
         scope.cancel()  # ... which is cancelled before it runs
     # Either the cancel landed (the slot went on to `second`) or `first` ran: no slot is lost.
     assert got in (["second"], ["first", "second"]) and gate.used == 0
+
+
+async def test_a_loop_of_free_slots_still_honours_cancellation() -> None:
+    """Taking a free slot never waits, yet a deadline or a cancelled scope stops the loop."""
+    gate = Gate(1)
+    done = 0
+    with anyio.move_on_after(0.01):
+        while done < 1_000_000:
+            await gate.acquire()
+            gate.release()
+            done += 1
+    assert done < 1_000_000  # stopped by the 10 ms deadline, not by the end of the loop
+    done = 0
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        while done < 1_000:
+            done += 1
+            await gate.acquire()
+            gate.release()
+    assert scope.cancelled_caught and done <= 16 and gate.used == 0

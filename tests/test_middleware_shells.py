@@ -263,3 +263,39 @@ async def test_streamed_calls_settle_their_tokens_when_usage_arrives() -> None:
     bucket.refill(anyio.current_time())
     assert bucket.level == pytest.approx(1_990)  # settled to the 10 tokens actually used
     assert metrics.aggregator.tokens_in == 7 and metrics.aggregator.tokens_out == 3
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("retry-after", "99999999"),
+        ("retry-after", "1e308"),
+        ("retry-after-ms", "1e308"),
+        ("retry-after", "61"),
+        ("retry-after", "inf"),
+        ("retry-after", "nan"),
+        ("retry-after", "-5"),
+        ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
+    ],
+)
+async def test_a_hostile_retry_after_pauses_the_key_at_most_max_pause(
+    header: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[float] = []
+
+    def handler(request: Request) -> Response:
+        calls.append(anyio.current_time())
+        if len(calls) == 1:
+            headers = Headers([header, ("date", "Thu, 01 Jan 2026 00:00:00 GMT")])
+            return Response(429, headers, b"{}")
+        return ok(request)
+
+    stack = build_stack([RateLimit(rpm=6_000, max_pause=30.0)], MemoryTransport(handler))
+    t0 = anyio.current_time()
+    with caplog.at_level("WARNING", logger="corral.ratelimit"):
+        assert (await stack(chat())).status == 429
+        with anyio.fail_after(31):  # virtual time: the pause ends at 30 s, not 3 years later
+            assert (await stack(chat())).status == 200
+    assert calls[1] - t0 <= 30.0
+    capped = [r for r in caplog.records if "capped" in r.getMessage()]
+    assert len(capped) == (1 if header[1] not in ("inf", "nan", "-5") else 0)

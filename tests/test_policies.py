@@ -13,7 +13,7 @@ from corral.core import errors
 from corral.core.headers import Headers
 from corral.middleware.breaker import BreakerPolicy, State
 from corral.middleware.concurrency import AIMDPolicy
-from corral.middleware.ratelimit import Cost, RateLimitPolicy
+from corral.middleware.ratelimit import Cost, RateLimitPolicy, pause_after_429
 from corral.middleware.retry import GiveUp, RetryAfter, RetryBudget, RetryPolicy
 
 arrivals = st.lists(
@@ -243,3 +243,13 @@ class BreakerMachine(RuleBasedStateMachine):
 
 
 TestBreaker = BreakerMachine.TestCase
+
+
+@given(
+    asked=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+    max_pause=st.floats(0, 3600),
+)
+def test_a_429_pause_is_finite_and_capped(asked: float | None, max_pause: float) -> None:
+    pause = pause_after_429(asked, max_pause)
+    assert 0.0 <= pause.seconds <= max_pause
+    assert pause.capped == (asked is not None and asked > max_pause)

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 import redis
 
@@ -169,3 +170,43 @@ async def test_redis_keys_hold_no_secret(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     blob = b"".join(k + (client.get(k) or b"") for k in client.keys("corral:rl:secret-check:*"))
     assert blob and CANARY_KEY[:8].encode() not in blob and CANARY_KEY[-8:].encode() not in blob
+
+
+@pytest.mark.parametrize("retry_after", ["99999999", "1e308", "Fri, 31 Dec 9999 23:59:59 GMT"])
+async def test_a_hostile_retry_after_pauses_every_process_at_most_max_pause(
+    redis_url: str, retry_after: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = uuid.uuid4().hex
+    date = "Thu, 01 Jan 2026 00:00:00 GMT"  # what an HTTP-date Retry-After is measured from
+    replies = iter([Response(429, Headers({"retry-after": retry_after, "date": date}), b"{}")])
+
+    def handler(request: Request) -> Response:
+        return next(replies, None) or ok(request)
+
+    limiter = SharedRateLimit(redis_url, name=name, rpm=6_000, max_pause=0.3)
+    with caplog.at_level("WARNING", logger="corral.ratelimit"):
+        assert (await build_stack([limiter], MemoryTransport(handler))(request())).status == 429
+    assert any("capped" in r.getMessage() for r in caplog.records)
+    ttl_ms = redis.Redis.from_url(redis_url).pttl(f"corral:rl:{name}:pause")
+    assert 0 < ttl_ms <= 1_300  # max_pause plus the script's one-second margin
+    other = SharedRateLimit(redis_url, name=name, rpm=6_000)  # another process, default cap
+    with anyio.fail_after(5):  # admitted once the 0.3 s pause ends, not in 3 years
+        assert (await build_stack([other], MemoryTransport(ok))(request())).status == 200
+
+
+async def test_a_pause_stored_without_a_cap_is_capped_when_read(redis_url: str) -> None:
+    """A pause key poisoned by an older version blocks a new process for max_pause at most."""
+    name = uuid.uuid4().hex
+    client = redis.Redis.from_url(redis_url)
+    now = float(client.time()[0])
+    client.set(f"corral:rl:{name}:pause", str(now + 1e8), px=10**11)
+    limiter = SharedRateLimit(redis_url, name=name, rpm=6_000, max_pause=0.2)
+    with anyio.fail_after(5):
+        assert (await build_stack([limiter], MemoryTransport(ok))(request())).status == 200
+    assert client.pttl(f"corral:rl:{name}:pause") <= 1_200
+
+
+def test_max_pause_must_be_finite() -> None:
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_pause"):
+            SharedRateLimit("redis://127.0.0.1:1/0", rpm=1, max_pause=bad)

@@ -8,8 +8,12 @@ JSON, or a stream that reached ``[DONE]``).
 
 Shell: ``Cache`` reads the store, makes concurrent identical calls share one upstream call
 (single-flight; if it fails every waiter gets the error and nothing is stored), and stores
-what the rules allow. A cached stream replays as a stream. A store that fails (Redis down,
-disk full) is logged and treated as a miss: the cache never fails a call.
+what the rules allow. A cached stream replays as a stream. A store that fails (Redis down or
+frozen past its timeout, disk full) is logged and treated as a miss: the cache never fails a
+call. After a failure the store is left alone for ``recheck`` seconds (then one call probes it),
+so a dead Redis costs one timeout, not one per call. When a call reaches the cache with a
+deadline, store calls end at it (a miss). Hits give the event loop a turn every few calls
+(``Pacer``), so a loop of hits still honours cancellation.
 """
 
 from __future__ import annotations
@@ -17,17 +21,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 import attrs
 
 from corral.core import jsonlib
-from corral.core.compose import Handler
+from corral.core.compose import Clock, Handler, current_time
 from corral.core.errors import CorralError
 from corral.core.headers import Headers
 from corral.core.models import ByteStream, CachePolicy, Request, Response
 from corral.core.wire import ChatStreamDecoder
+from corral.pacing import Pacer
 from corral.stores import Store
 
 __all__ = ["Cache", "CacheRules"]
@@ -35,6 +41,7 @@ __all__ = ["Cache", "CacheRules"]
 log = logging.getLogger("corral.cache")
 _NAMESPACE_LABEL = b"corral-cache-namespace-v1"
 _REPLAY_CHUNK = 4096
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -142,9 +149,21 @@ class _Flight:
 class Cache:
     """Middleware: serve repeated calls from ``store``; see the module docstring."""
 
-    def __init__(self, store: Store, rules: CacheRules | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        rules: CacheRules | None = None,
+        *,
+        recheck: float = 5.0,
+        clock: Clock = current_time,
+    ) -> None:
         self.store = store
         self.rules = rules or CacheRules()
+        self._recheck = recheck
+        self._clock = clock
+        self._down = False
+        self._probe_at = 0.0
+        self._pace = Pacer()
         self._flights: dict[str, _Flight] = {}
         self.hits = self.misses = self.coalesced = 0
 
@@ -154,16 +173,19 @@ class Cache:
         if key is None:
             return await call_next(request)
         stream = request.options.stream
+        deadline = request.options.deadline
         if policy is CachePolicy.USE:
-            cached = await self._read(key, stream)
+            cached = await self._read(key, stream, deadline)
             if cached is not None:
+                await self._pace()
                 self.hits += 1
                 return cached
         self.misses += 1
         if stream:
             response = await call_next(request)
             if response.status == 200 and response.stream is not None:
-                return attrs.evolve(response, stream=_Tee(response.stream, self, key))
+                tee = _Tee(response.stream, self, key, deadline)
+                return attrs.evolve(response, stream=tee)
             return response
         return await self._single_flight(key, request, call_next)
 
@@ -192,34 +214,59 @@ class Cache:
         else:
             flight.response = response
             if self.rules.storable(response):
-                await self._write(
-                    key, _encode(response.status, response.headers, response.body, False)
-                )
+                value = _encode(response.status, response.headers, response.body, False)
+                await self._write(key, value, request.options.deadline)
             return response
         finally:
             del self._flights[key]
             flight.done.set()
 
-    async def _read(self, key: str, stream: bool) -> Response | None:
-        try:
-            raw = await self.store.get(key)
-        except Exception as exc:  # a broken store is a miss, never a failed call
-            log.warning("cache read failed (%s); treating as a miss", type(exc).__name__)
-            return None
+    async def _read(self, key: str, stream: bool, deadline: float | None) -> Response | None:
+        raw = await self._guarded("read", lambda: self.store.get(key), deadline)
         return None if raw is None else _decode(raw, stream)
 
-    async def _write(self, key: str, value: bytes) -> None:
+    async def _write(self, key: str, value: bytes, deadline: float | None) -> None:
+        ttl = self.rules.ttl
+        await self._guarded("write", lambda: self.store.set(key, value, ttl), deadline)
+
+    async def _guarded(
+        self, what: str, call: Callable[[], Awaitable[T]], deadline: float | None
+    ) -> T | None:
+        """``call()`` ended at ``deadline``; None when it failed, timed out or was skipped."""
+        if self._down:
+            now = self._clock()
+            if now < self._probe_at:
+                return None  # the store failed lately: leave it alone for now
+            self._probe_at = now + self._recheck  # this call probes; the others keep skipping
         try:
-            await self.store.set(key, value, self.rules.ttl)
-        except Exception as exc:
-            log.warning("cache write failed (%s); continuing without it", type(exc).__name__)
+            if deadline is None:
+                result = await call()
+            else:
+                with anyio.move_on_after(deadline - self._clock()) as scope:
+                    result = await call()
+                if scope.cancelled_caught:
+                    return None  # the call's deadline passed: no sign of a broken store
+        except Exception as exc:  # a broken store is a miss, never a failed call
+            if not self._down:
+                log.warning(
+                    "cache %s failed (%s); leaving the store alone for %gs",
+                    what,
+                    type(exc).__name__,
+                    self._recheck,
+                )
+            self._down, self._probe_at = True, self._clock() + self._recheck
+            return None
+        if self._down:
+            log.warning("cache store answers again")
+            self._down = False
+        return result
 
 
 class _Tee:
     """Passes a stream through and stores it once it has completed cleanly."""
 
-    def __init__(self, inner: ByteStream, cache: Cache, key: str) -> None:
-        self._inner, self._cache, self._key = inner, cache, key
+    def __init__(self, inner: ByteStream, cache: Cache, key: str, deadline: float | None) -> None:
+        self._inner, self._cache, self._key, self._deadline = inner, cache, key, deadline
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
@@ -232,7 +279,7 @@ class _Tee:
         data = b"".join(parts)
         if self._cache.rules.complete_stream(data):
             value = _encode(200, Headers({"content-type": "text/event-stream"}), data, True)
-            await self._cache._write(self._key, value)
+            await self._cache._write(self._key, value, self._deadline)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

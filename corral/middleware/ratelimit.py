@@ -9,12 +9,17 @@ count) and later settles with the real ``usage``: the difference is refunded or 
 Shell: one FIFO queue per key. Only the head of the queue may take capacity, so a large call
 is never starved by small ones behind it; a cancelled waiter leaves the queue having taken
 nothing; a refund, a header resync or a pause end wakes the head early.
+
+A 429 pauses the whole key for the server's ``Retry-After``, but never longer than
+``max_pause`` (60 s by default): a server that asks for 10^8 seconds (or 1e308) would otherwise
+stop every later call of the run. A capped pause is logged as a warning.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 from collections import deque
 from collections.abc import Callable
@@ -34,13 +39,20 @@ from corral.streams import UsageStream
 __all__ = [
     "Bucket",
     "Cost",
+    "Pause",
     "RateLimit",
     "RateLimitPolicy",
     "bucket_shape",
     "by_credential",
     "by_endpoint",
     "by_model",
+    "pause_after_429",
 ]
+
+log = logging.getLogger("corral.ratelimit")
+
+#: Seconds a 429 pauses a key when the server gives no usable Retry-After.
+DEFAULT_PAUSE = 1.0
 
 
 @attrs.frozen
@@ -171,6 +183,41 @@ class RateLimitPolicy:
         self.paused_until = max(self.paused_until, until)
 
 
+@attrs.frozen
+class Pause:
+    """How long a 429 pauses a key; ``asked`` is what the server asked for (None: nothing)."""
+
+    seconds: float
+    asked: float | None
+
+    @property
+    def capped(self) -> bool:
+        return self.asked is not None and self.asked > self.seconds
+
+
+def pause_after_429(asked: float | None, max_pause: float) -> Pause:
+    """The server's wait (``DEFAULT_PAUSE`` if none or not a number), within [0, max_pause]."""
+    if asked is None or math.isnan(asked):
+        return Pause(min(DEFAULT_PAUSE, max_pause), None)
+    return Pause(min(max(asked, 0.0), max_pause), asked)
+
+
+def check_max_pause(max_pause: float) -> float:
+    if not 0 <= max_pause < math.inf:
+        raise ValueError(f"max_pause must be a finite number of seconds >= 0, got {max_pause}")
+    return max_pause
+
+
+def log_capped(pause: Pause, where: str) -> None:
+    if pause.capped:
+        log.warning(
+            "%s: the server asked for a %gs pause; capped at max_pause=%gs",
+            where,
+            pause.asked,
+            pause.seconds,
+        )
+
+
 def by_model(request: Request) -> str:
     """The default key: one quota per model, as providers meter."""
     return request.options.model or "default"
@@ -245,8 +292,10 @@ class RateLimit:
         burst_tokens: float | None = None,
         key: Callable[[Request], str] = by_model,
         counter: TokenCounter | None = None,
+        max_pause: float = 60.0,
         clock: Clock = current_time,
     ) -> None:
+        self._max_pause = check_max_pause(max_pause)
         self._new_policy = functools.partial(
             RateLimitPolicy,
             rpm=rpm,
@@ -294,7 +343,9 @@ class RateLimit:
         now = self._clock()
         policy = queue.policy
         if response.status == 429:
-            policy.pause(now + (parse_retry_after(response.headers) or 1.0))
+            pause = pause_after_429(parse_retry_after(response.headers), self._max_pause)
+            log_capped(pause, "rate limit")
+            policy.pause(now + pause.seconds)
         limits = parse_rate_limit_headers(response.headers)
         if limits.present:
             policy.resync(now, limits.remaining_requests, limits.remaining_tokens)

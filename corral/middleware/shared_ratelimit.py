@@ -8,9 +8,16 @@ clock changes nothing. Settling with the real ``usage`` moves the token cell's a
 (refund) or forward (charge).
 
 Shell: ``SharedRateLimit`` asks the script, sleeps for the wait it answers, asks again. When
-Redis is unreachable it either fails closed (``RateLimitUnavailable``) or falls back to a local
-limiter with the limits divided by ``processes``, and goes back to Redis when it answers again.
-Waiters in different processes are not served FIFO (each retries after its own wait).
+Redis is unreachable or frozen (no answer within ``timeout``, 0.5 s by default) it either fails
+closed (``RateLimitUnavailable``) or falls back to a local limiter with the limits divided by
+``processes`` (the same limits by default); after ``recheck`` seconds one call probes Redis and
+the limiter goes back to it when it answers. A call cancelled while Redis is silent (deadline,
+Ctrl-C) leaves at once. Waiters in different processes are not served FIFO (each retries after
+its own wait).
+
+A 429 pauses every process, for the server's ``Retry-After`` but at most ``max_pause`` seconds
+(60 by default); the script also caps a pause already stored (say by an older version) at
+``max_pause``, so no key in Redis can stop the quota for longer.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ import logging
 from typing import Any, Literal, cast
 
 import anyio
-import anyio.to_thread
 import redis
 
 from corral.core import errors
@@ -27,18 +33,30 @@ from corral.core.classify import parse_retry_after
 from corral.core.compose import Clock, Handler, current_time
 from corral.core.models import Request, Response
 from corral.core.wire import response_usage
-from corral.middleware.ratelimit import RateLimit, bucket_shape
+from corral.middleware.ratelimit import (
+    RateLimit,
+    bucket_shape,
+    check_max_pause,
+    log_capped,
+    pause_after_429,
+)
+from corral.stores.redis import DEFAULT_TIMEOUT, redis_client, run_blocking
 
 __all__ = ["RateLimitUnavailable", "SharedRateLimit"]
 
 log = logging.getLogger("corral.ratelimit")
 
 # KEYS: requests cell, tokens cell, pause.  ARGV: req interval, req burst, tok interval,
-# tok burst, tokens, key ttl ms.  An interval of 0 switches that dimension off.
+# tok burst, tokens, key ttl ms, max pause s.  An interval of 0 switches that dimension off.
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
+local pause = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+local max_pause = tonumber(ARGV[7])
+if pause > now + max_pause then
+  pause = now + max_pause
+  redis.call('SET', KEYS[3], tostring(pause), 'PX', math.ceil(max_pause * 1000) + 1000)
+end
 if pause > now then return {0, tostring(pause - now)} end
 local function cell(key, interval, burst, cost)
   if interval <= 0 then return nil, 0 end
@@ -113,12 +131,14 @@ class SharedRateLimit:
         on_unavailable: Literal["fail", "local"] = "local",
         processes: int = 1,
         recheck: float = 5.0,
+        max_pause: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT,
         client: redis.Redis | None = None,
         clock: Clock = current_time,
     ) -> None:
-        self._client = client or redis.Redis.from_url(
-            url, socket_timeout=2, socket_connect_timeout=2
-        )
+        """``client``, if given, is used as it is: give it timeouts too (``redis_client``)."""
+        self._client = client or redis_client(url, timeout)
+        self._max_pause = check_max_pause(max_pause)
         self._keys = [f"corral:rl:{name}:{k}" for k in ("requests", "tokens", "pause")]
         self._req = _cell("rpm", rpm, window, burst_requests)
         self._tok = _cell("tpm", tpm, window, burst_tokens)
@@ -135,16 +155,24 @@ class SharedRateLimit:
         self._local = RateLimit(
             rpm=None if rpm is None else max(1, int(rpm * 60 / window) // share),
             tpm=None if tpm is None else max(1, int(tpm * 60 / window) // share),
+            max_pause=max_pause,
             clock=clock,
         )
         self._estimate = self._local.estimate
         self.waited = 0.0
 
-    async def _call(self, script: object, keys: list[str], args: list[object]) -> object:
-        return await anyio.to_thread.run_sync(lambda: script(keys=keys, args=args))  # type: ignore[operator]
+    async def _call(self, script: Any, keys: list[str], args: list[object]) -> object:
+        return await run_blocking(lambda: script(keys=keys, args=args))
 
     def _redis_usable(self) -> bool:
-        return self._down_since is None or self._clock() - self._down_since >= self._recheck
+        """True when Redis is up, or for the one call that probes it after ``recheck``."""
+        if self._down_since is None:
+            return True
+        now = self._clock()
+        if now - self._down_since < self._recheck:
+            return False
+        self._down_since = now  # this call probes; the others keep to the fallback
+        return True
 
     def _went_down(self, exc: Exception) -> None:
         if self._down_since is None:
@@ -157,7 +185,10 @@ class SharedRateLimit:
 
     async def _acquire(self, tokens: int) -> bool:
         """Reserve through Redis; False when Redis is down (the caller falls back)."""
-        args = [self._req[0], self._req[1], self._tok[0], self._tok[1], tokens, self._ttl_ms]
+        args = [
+            *(self._req[0], self._req[1], self._tok[0], self._tok[1]),
+            *(tokens, self._ttl_ms, self._max_pause),
+        ]
         if tokens > self._tok[1] > 0:
             raise errors.RequestTooLarge(
                 f"this call needs {tokens} tokens but the shared bucket holds {self._tok[1]:g}"
@@ -187,8 +218,9 @@ class SharedRateLimit:
         response = await call_next(request)
         try:
             if response.status == 429:
-                pause = parse_retry_after(response.headers) or 1.0
-                await self._call(self._pause, [self._keys[2]], [pause])
+                pause = pause_after_429(parse_retry_after(response.headers), self._max_pause)
+                log_capped(pause, "shared rate limit")
+                await self._call(self._pause, [self._keys[2]], [pause.seconds])
             usage = response_usage(response) if response.status == 200 else None
             if usage is not None and self._tok[0] > 0 and usage.total_tokens != reserved:
                 delta = usage.total_tokens - reserved

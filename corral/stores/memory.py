@@ -1,4 +1,8 @@
-"""``MemoryStore``: an LRU bounded by entry count and by total bytes, with TTLs."""
+"""``MemoryStore``: an LRU bounded by entry count and by total bytes, with TTLs.
+
+Its calls never wait, so every few of them take a checkpoint (``Pacer``): a loop of reads
+still honours cancellation.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+
+from corral.pacing import Pacer
 
 __all__ = ["MemoryStore"]
 
@@ -24,8 +30,10 @@ class MemoryStore:
         self._clock = clock
         self._items: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self.size = 0
+        self._pace = Pacer()
 
     async def get(self, key: str) -> bytes | None:
+        await self._pace()
         item = self._items.get(key)
         if item is None:
             return None
@@ -37,6 +45,7 @@ class MemoryStore:
         return value
 
     async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        await self._pace()
         if len(value) > self.max_bytes:
             return  # would evict everything and still not fit
         if key in self._items:
@@ -48,6 +57,7 @@ class MemoryStore:
             self._drop(next(iter(self._items)))
 
     async def delete(self, key: str) -> None:
+        await self._pace()
         if key in self._items:
             self._drop(key)
 
