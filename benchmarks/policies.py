@@ -40,8 +40,12 @@ def body(i: int) -> dict[str, Any]:
 
 async def corral_run(url: str, n: int, rpm: int, tpm: int) -> None:
     stack = default_middleware(rpm=rpm, tpm=tpm, concurrency=256)
-    async with Client(url, KEY, middleware=stack, transport=H11Transport(max_connections=256)) as c:
-        async for _ in c.map((body(i) for i in range(n)), concurrency=256):
+    transport = H11Transport(max_connections=256)
+    async with (
+        Client(url, KEY, middleware=stack, transport=transport) as c,
+        c.map((body(i) for i in range(n)), concurrency=256) as results,
+    ):
+        async for _ in results:
             pass
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
-import attrs
 
 from corral.core import errors
 from corral.core.classify import classify, scrub
@@ -36,6 +35,7 @@ from corral.core.wire import (
     decode_models,
     raise_for_status,
 )
+from corral.mapping import MapResult, MapRun
 from corral.middleware.breaker import CircuitBreaker
 from corral.middleware.concurrency import ConcurrencyLimit
 from corral.middleware.deadline import Deadline
@@ -126,15 +126,6 @@ def default_middleware(
         layers.append(RateLimit(rpm=rpm, tpm=tpm, clock=clock))
     layers.append(ConcurrencyLimit(concurrency, clock=clock))
     return layers
-
-
-@attrs.frozen
-class MapResult:
-    """One outcome of ``Client.map``: the input's index and either a result or an error."""
-
-    index: int
-    result: ChatCompletion | None
-    error: errors.CorralError | None
 
 
 class Client:
@@ -300,71 +291,26 @@ class Client:
         response = await self._checked(self.request("/models", None))
         return decode_models(response, secrets=self._secrets)
 
-    async def map(
+    def map(
         self,
         bodies: Iterable[Mapping[str, Any]],
         *,
         concurrency: int = 64,
         ordered: bool = False,
-    ) -> AsyncIterator[MapResult]:
+    ) -> MapRun:
         """Run many chat bodies with at most ``concurrency`` in flight; errors come back as values.
 
-        ``bodies`` is consumed lazily, so a generator of a million items uses memory for
-        ``concurrency`` of them. With ``ordered=True`` results come in input order, and at most
-        ``concurrency`` items run ahead of the oldest unfinished one.
-
-        If you may stop iterating early, wrap it in ``contextlib.aclosing(client.map(...))`` so
-        the calls still running are cancelled right away rather than when the generator is
-        garbage-collected.
+        Use it as ``async with client.map(bodies) as results: async for r in results: ...``;
+        leaving the block early (``break``, an exception, a cancellation) cancels the calls
+        still running. ``bodies`` is consumed lazily, so a generator of a million items uses
+        memory for ``concurrency`` of them. With ``ordered=True`` results come in input order,
+        and at most ``concurrency`` items run ahead of the oldest unfinished one.
         """
-        send, receive = anyio.create_memory_object_stream[MapResult](concurrency)
-        slots = anyio.Semaphore(concurrency)
 
-        async def one(index: int, body: Mapping[str, Any]) -> None:
-            try:
-                try:
-                    result = await self.chat(**self._chat_body(None, None, body))
-                    outcome = MapResult(index, result, None)
-                except errors.CorralError as exc:
-                    outcome = MapResult(index, None, exc)
-                await send.send(outcome)
-            finally:
-                if not ordered:
-                    slots.release()
+        async def call(body: Mapping[str, Any]) -> ChatCompletion:
+            return await self.chat(**self._chat_body(None, None, body))
 
-        async def produce() -> None:
-            async with send, anyio.create_task_group() as tg:
-                for index, body in enumerate(bodies):
-                    await slots.acquire()
-                    tg.start_soon(one, index, body, name=f"corral-map-{index}")
-
-        pending: dict[int, MapResult] = {}
-        next_index = 0
-
-        def in_order(outcome: MapResult) -> list[MapResult]:
-            nonlocal next_index
-            if not ordered:
-                return [outcome]
-            pending[outcome.index] = outcome
-            ready = []
-            while next_index in pending:
-                ready.append(pending.pop(next_index))
-                next_index += 1
-                slots.release()
-            return ready
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce)
-            async with receive:
-                async for outcome in receive:
-                    for ready in in_order(outcome):
-                        try:
-                            yield ready
-                        except GeneratorExit:
-                            # The caller stopped early (aclose): cancel the calls still running
-                            # and finish normally; GeneratorExit must not reach the task group.
-                            tg.cancel_scope.cancel()
-                            return
+        return MapRun(call, bodies, concurrency, ordered)
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -422,7 +368,10 @@ class SyncClient:
 
     def map(self, bodies: Iterable[Mapping[str, Any]], **kwargs: Any) -> list[MapResult]:
         async def collect() -> list[MapResult]:
-            return [r async for r in self._client.map(bodies, **kwargs)]
+            collected: list[MapResult] = []
+            async with self._client.map(bodies, **kwargs) as results:
+                collected = [r async for r in results]
+            return collected
 
         return self._portal.call(collect)
 

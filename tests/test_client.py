@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import anyio
 import pytest
 
 from corral.client import Client, SyncClient, default_middleware, resolve_api_key
 from corral.core import errors
-from corral.testing.emulator import EmulatorConfig, Fault
+from corral.testing.emulator import EmulatorConfig, Fault, Latency
 from corral.testing.server import RunningEmulator, serve_in_thread
 from tests.conftest import CANARY_KEY
 
@@ -71,7 +73,8 @@ async def test_map_returns_every_item_once_with_errors_as_values(ordered: bool) 
             bodies = (
                 {"model": "m", "messages": [{"role": "user", "content": str(i)}]} for i in range(60)
             )
-            results = [r async for r in client.map(bodies, concurrency=8, ordered=ordered)]
+            async with client.map(bodies, concurrency=8, ordered=ordered) as run:
+                results = [r async for r in run]
     assert sorted(r.index for r in results) == list(range(60))
     if ordered:
         assert [r.index for r in results] == list(range(60))
@@ -94,7 +97,8 @@ async def test_default_stack_absorbs_faults() -> None:
     with serve_in_thread(config) as emu:
         async with Client(emu.base_url, CANARY_KEY, model="m") as client:
             bodies = [{"messages": [{"role": "user", "content": str(i)}]} for i in range(100)]
-            results = [r async for r in client.map(bodies, concurrency=16)]
+            async with client.map(bodies, concurrency=16) as run:
+                results = [r async for r in run]
     assert all(r.error is None for r in results), [r.error for r in results if r.error]
     assert emu.counts["received"] > 100  # the faults happened and were retried
 
@@ -113,15 +117,48 @@ async def test_cancellation_propagates(emulator: RunningEmulator) -> None:
         assert (await client.chat(MESSAGES)).text
 
 
-async def test_map_early_exit_cancels_the_rest(emulator: RunningEmulator) -> None:
-    import contextlib
+def many(n: int = 10_000) -> Iterator[dict[str, object]]:
+    return ({"model": "m", "messages": [{"role": "user", "content": str(i)}]} for i in range(n))
 
-    bodies = (
-        {"model": "m", "messages": [{"role": "user", "content": str(i)}]} for i in range(10_000)
-    )
+
+async def test_map_break_cancels_the_rest(emulator: RunningEmulator) -> None:
     async with Client(emulator.base_url, CANARY_KEY) as client:
-        async with contextlib.aclosing(client.map(bodies, concurrency=8)) as results:
+        async with client.map(many(), concurrency=8) as results:
             async for _ in results:
                 break
         assert (await client.chat(MESSAGES, model="m")).text  # the client still works
     assert emulator.counts["received"] < 100
+
+
+async def test_map_exception_in_the_body_propagates_as_itself(emulator: RunningEmulator) -> None:
+    async with Client(emulator.base_url, CANARY_KEY) as client:
+        with pytest.raises(LookupError, match="stop here"):
+            async with client.map(many(), concurrency=8) as results:
+                async for _ in results:
+                    raise LookupError("stop here")
+        assert (await client.chat(MESSAGES, model="m")).text
+    assert emulator.counts["received"] < 100
+
+
+async def test_map_caller_cancelled_cancels_the_calls() -> None:
+    with serve_in_thread(EmulatorConfig(latency=Latency.fixed(0.2))) as emu:
+        async with Client(emu.base_url, CANARY_KEY) as client:
+            seen = []
+            with anyio.move_on_after(0.5) as scope:
+                async with client.map(many(), concurrency=8) as results:
+                    async for result in results:
+                        seen.append(result)
+            assert scope.cancelled_caught
+            assert all(r.error is None for r in seen)
+            assert (await client.chat(MESSAGES, model="m")).text
+    assert emu.counts["received"] < 100
+
+
+async def test_map_without_async_with_is_refused_before_any_call(
+    emulator: RunningEmulator,
+) -> None:
+    async with Client(emulator.base_url, CANARY_KEY) as client:
+        with pytest.raises(errors.InvalidInput, match=r"async with client\.map"):
+            async for _ in client.map(many()):
+                break
+    assert emulator.counts.get("received", 0) == 0
