@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from corral.core import errors
 from corral.core.sse import DEFAULT_MAX_EVENT_SIZE, SSEEvent, SSEParser
+from corral.core.wire import UsageWatcher
 
 
 def parse_all(chunks: list[bytes]) -> list[SSEEvent]:
@@ -200,3 +201,11 @@ def test_with_a_cap_any_split_raises_alike_and_agrees_before_it(
         assert got_a == got_b == whole
     else:
         assert whole[: len(got_a)] == got_a and whole[: len(got_b)] == got_b
+
+
+def test_a_usage_watcher_lets_a_stream_its_parser_refuses_pass() -> None:
+    """Layers that only watch a stream for ``usage`` must not fail it (nor hold the line)."""
+    watcher = UsageWatcher()
+    for _ in range(DEFAULT_MAX_EVENT_SIZE // 65536 + 2):
+        assert watcher.feed(b"w" * 65536) is None
+    assert watcher.feed(b'\n\ndata: {"usage": {"prompt_tokens": 1}}\n\n') is None
