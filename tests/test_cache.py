@@ -12,6 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from corral.client import Client
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
@@ -270,3 +272,57 @@ async def test_a_loop_of_memory_store_reads_still_honours_cancellation() -> None
             done += 1
             assert await store.get("k") == b"v"
     assert scope.cancelled_caught and done <= 16
+
+
+def seeded(seed: object) -> Request:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": seed}
+    return api_request("http://h/v1", "/chat/completions", body, api_key=CANARY_KEY)
+
+
+def test_keys_of_integers_beyond_64_bits_never_collide() -> None:
+    rules = CacheRules()
+    keys = {rules.key(seeded(n)) for n in (2**64, 2**64 + 1, -(2**63) - 1, -(2**63) - 2, 2**63)}
+    assert None not in keys and len(keys) == 5
+    assert rules.key(seeded(float(2**64))) not in keys
+
+
+async def test_chat_with_a_huge_seed_is_sent_exactly_and_bad_values_are_invalid_input() -> None:
+    sent: list[bytes] = []
+
+    def answer(request: Request) -> Response:
+        sent.append(request.body)
+        return Response(
+            200, Headers({"content-type": "application/json"}), json.dumps(CHAT).encode()
+        )
+
+    cache = Cache(MemoryStore())
+    transport = MemoryTransport(answer)
+    client = Client("http://h/v1", CANARY_KEY, model="m", transport=transport, middleware=[cache])
+    messages = [{"role": "user", "content": "hi"}]
+    await client.chat(messages, seed=2**64)
+    await client.chat(messages, seed=2**64 + 1)
+    assert [json.loads(body)["seed"] for body in sent] == [2**64, 2**64 + 1]
+    assert cache.misses == 2
+    with pytest.raises(errors.InvalidInput, match="JSON"):
+        await client.chat(messages, seed=object())
+
+
+CHAT = {
+    "id": "c",
+    "object": "chat.completion",
+    "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
+
+
+@given(body=st.binary(max_size=64) | st.from_regex(rb'\A\{"n": -?[0-9]{15,25}, "s": ".{0,8}"\}\Z'))
+def test_any_body_gets_a_key_or_none_never_an_exception(body: bytes) -> None:
+    request = Request("POST", "http://h/v1/chat/completions", Headers(), body)
+    key = CacheRules().key(request)
+    assert key is None or len(key) == 64
+
+
+def test_a_body_only_the_stdlib_reads_is_not_cached_rather_than_an_error() -> None:
+    body = b'{"s": "\\ud800", "n": 12345678901234567890}'  # a lone surrogate
+    assert CacheRules().key(Request("POST", "http://h/v1/x", Headers(), body)) is None

@@ -1,8 +1,9 @@
 """Opt-in memoization of API calls. This is not HTTP caching: POSTs are cached by their body.
 
 Policy (pure): ``CacheRules`` turns a request into a key, a hash of the method, the full URL and
-the body as canonical JSON (sorted keys), inside a namespace that is an HMAC of the credential,
-so two API keys never share entries unless ``shared_namespace`` is set. The key itself is never
+the body as canonical JSON (sorted keys; integers of any size kept exact, so bodies share a key
+only when their values are equal), inside a namespace that is an HMAC of the credential, so two
+API keys never share entries unless ``shared_namespace`` is set. The key itself is never
 stored anywhere. It also says what may be stored: only complete successes (status 200, valid
 JSON, or a stream that reached ``[DONE]``).
 
@@ -29,7 +30,7 @@ import attrs
 
 from corral.core import jsonlib
 from corral.core.compose import Clock, Handler, current_time
-from corral.core.errors import CorralError
+from corral.core.errors import CorralError, InvalidInput
 from corral.core.headers import Headers
 from corral.core.models import ByteStream, CachePolicy, Request, Response
 from corral.core.wire import ChatStreamDecoder
@@ -59,8 +60,10 @@ class CacheRules:
     def key(self, request: Request) -> str | None:
         """The entry's key, or None when the body is not JSON (such a call is not cached)."""
         try:
-            body = jsonlib.dumps_canonical(jsonlib.loads(request.body)) if request.body else b""
+            body = jsonlib.canonical(request.body) if request.body else b""
         except jsonlib.JSONDecodeError:
+            return None
+        except InvalidInput:  # read by the stdlib alone (a lone surrogate): not worth a key
             return None
         digest = hashlib.sha256()
         for part in (
