@@ -103,9 +103,13 @@ def default_middleware(
     truncate: Middleware | None = None,
     metrics: Metrics | None = None,
     seed: int | None = None,
+    max_pause: float = 60.0,
     clock: Clock = current_time,
 ) -> list[Middleware]:
-    """The documented default stack; every policy is a keyword away."""
+    """The documented default stack; every policy is a keyword away.
+
+    ``max_pause`` caps how long a 429's ``Retry-After`` may pause the rate limit (seconds).
+    """
     import random
 
     layers: list[Middleware] = [metrics or Metrics(clock=clock)]
@@ -123,7 +127,7 @@ def default_middleware(
     )
     layers.append(CircuitBreaker(clock=clock))
     if rpm is not None or tpm is not None:
-        layers.append(RateLimit(rpm=rpm, tpm=tpm, clock=clock))
+        layers.append(RateLimit(rpm=rpm, tpm=tpm, max_pause=max_pause, clock=clock))
     layers.append(ConcurrencyLimit(concurrency, clock=clock))
     return layers
 

@@ -299,3 +299,22 @@ async def test_a_hostile_retry_after_pauses_the_key_at_most_max_pause(
     assert calls[1] - t0 <= 30.0
     capped = [r for r in caplog.records if "capped" in r.getMessage()]
     assert len(capped) == (1 if header[1] not in ("inf", "nan", "-5") else 0)
+
+
+async def test_default_middleware_passes_max_pause_to_the_rate_limit() -> None:
+    from corral.client import default_middleware
+
+    calls: list[float] = []
+
+    def handler(request: Request) -> Response:
+        calls.append(anyio.current_time())
+        if len(calls) == 1:
+            return Response(429, Headers({"retry-after": "99999999"}), b"{}")
+        return ok(request)
+
+    layers = default_middleware(rpm=6_000, max_attempts=1, max_pause=7.0)
+    stack = build_stack(layers, MemoryTransport(handler))
+    t0 = anyio.current_time()
+    assert (await stack(chat())).status == 429
+    assert (await stack(chat())).status == 200
+    assert 7.0 <= calls[1] - t0 <= 7.5
