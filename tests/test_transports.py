@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import tracemalloc
 from collections.abc import Iterator
 
 import anyio
@@ -12,10 +13,13 @@ import pytest
 import trustme
 
 from corral.core import api_request, decode_chat, decode_models, errors
+from corral.core.compose import build_stack
 from corral.core.models import Timeouts
 from corral.core.wire import ChatStreamDecoder
+from corral.middleware.deadline import Deadline
 from corral.testing.emulator import EmulatorConfig, Fault, Latency
 from corral.testing.server import RunningEmulator, ServerLimits, serve_in_thread
+from tests import hostile
 from tests.conftest import CANARY_KEY, TransportFactory
 
 pytestmark = pytest.mark.anyio
@@ -147,11 +151,7 @@ def silent_server() -> Iterator[int]:
     server.close()
 
 
-async def test_write_timeout(
-    silent_server: int, transport_name: str, transport_factory: TransportFactory
-) -> None:
-    if transport_name == "aiohttp":
-        pytest.skip("aiohttp has no write timeout")
+async def test_write_timeout(silent_server: int, transport_factory: TransportFactory) -> None:
     t = transport_factory(timeouts=Timeouts(connect=2, read=2, write=0.3, pool=2))
     big = api_request(
         f"http://127.0.0.1:{silent_server}/v1",
@@ -364,3 +364,89 @@ async def test_header_injection_is_refused(
     with pytest.raises(errors.InvalidInput, match="x-note"):
         await transport_factory()(evil)
     assert emulator.counts.get("received", 0) == 0
+
+
+# -- hostile servers (tests/hostile.py): one table, every transport ------------------------
+
+
+@pytest.mark.parametrize("row", hostile.ROWS, ids=lambda row: row.name)
+async def test_hostile_server_gets_a_typed_bounded_scrubbed_error(
+    row: hostile.Row, transport_factory: TransportFactory
+) -> None:
+    with hostile.serving(row) as (base_url, server):
+        t = transport_factory(
+            timeouts=Timeouts(connect=2, read=0.3, write=0.3, pool=2),
+            max_response_bytes=1 << 20,
+        )
+        handler = t if row.deadline is None else build_stack([Deadline(row.deadline)], t)
+        body = {**CHAT, "stream": row.stream}
+        if row.big_request:
+            body["pad"] = "x" * 32_000_000
+        request = api_request(base_url, "/chat/completions", body, api_key=CANARY_KEY)
+        if row.memory:
+            tracemalloc.start()
+        try:
+            with anyio.fail_after(10), pytest.raises(errors.CorralError) as caught:
+                reply = await handler(request)
+                await reply.aread()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    error = caught.value
+    assert isinstance(error, row.expect), repr(error)
+    if row.sent is not None:
+        assert isinstance(error, errors.TransportError) and error.request_sent is row.sent
+    if row.memory:
+        assert peak < 16 << 20, f"{peak} bytes allocated for a 1 MiB cap (the server sends 32)"
+    if row.says is not None:
+        assert row.says in str(error)
+    text = f"{error!s} {error!r} {error.args!r}"
+    pieces = {CANARY_KEY[i : i + 8] for i in range(len(CANARY_KEY) - 7)}
+    assert not [p for p in pieces if p in text], text
+    if server is not None and server.heads and server.heads[0]:
+        assert hostile.header(server.heads[0], b"accept-encoding") == b"identity"
+
+
+@pytest.fixture
+def poisoning_server() -> Iterator[str]:
+    """Answers each connection's first request, plus a forged second answer in the same send."""
+
+    def behaviour(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+        first = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        forged = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged"
+        conn.sendall(first + forged)
+        while hostile.read_request(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond")
+
+    server = hostile.HostileServer(behaviour)
+    yield f"http://127.0.0.1:{server.port}/v1"
+    server.close()
+
+
+async def test_bytes_after_a_response_never_answer_the_next_request(
+    poisoning_server: str, transport_factory: TransportFactory
+) -> None:
+    base_url = poisoning_server
+    t = transport_factory()
+    for _ in range(3):
+        # "forged" would be the leftover bytes, "second" a reused connection's real answer
+        assert (await t(chat(base_url))).body == b"ok"
+
+
+@pytest.mark.parametrize("phase", ["connect", "write", "read"])
+async def test_request_sent_means_the_same_per_phase(
+    phase: str, transport_factory: TransportFactory
+) -> None:
+    """connect and write: the request had not all left (False); read: it had (True)."""
+    name = {
+        "connect": "connect_refused",
+        "write": "never_reads_the_request",
+        "read": "never_answers",
+    }
+    row = hostile.BY_NAME[name[phase]]
+    with hostile.serving(row) as (base_url, _):
+        t = transport_factory(timeouts=Timeouts(connect=2, read=0.3, write=0.3, pool=2))
+        body = {**CHAT, "pad": "x" * 32_000_000} if row.big_request else CHAT
+        with anyio.fail_after(10), pytest.raises(errors.TransportError) as caught:
+            await t(api_request(base_url, "/chat/completions", body, api_key=CANARY_KEY))
+    assert caught.value.request_sent is (phase == "read")

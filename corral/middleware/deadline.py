@@ -1,16 +1,20 @@
 """Per-call deadlines: one absolute time, visible to every inner layer, enforced by a cancel scope.
 
 Inner layers read ``request.options.deadline`` (Retry will not start a sleep that would end
-after it); this shell cancels whatever is still running when it passes.
+after it); this shell cancels whatever is still running when it passes. A streamed body is
+still arriving when the call returns its response, so the shell wraps it in a
+``DeadlineStream``: the deadline bounds the whole call, body included.
 """
 
 from __future__ import annotations
 
 import anyio
+import attrs
 
 from corral.core.compose import Clock, Handler
 from corral.core.errors import DeadlineExceeded
 from corral.core.models import Request, Response
+from corral.streams import DeadlineStream
 
 __all__ = ["Deadline", "effective_deadline"]
 
@@ -40,8 +44,11 @@ class Deadline:
         request = request.with_deadline(deadline)
         try:
             with anyio.fail_after(deadline - now):
-                return await call_next(request)
+                response = await call_next(request)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the call did not finish within its deadline ({deadline - now:.3g}s)"
             ) from None
+        if response.stream is None:
+            return response
+        return attrs.evolve(response, stream=DeadlineStream(response.stream, deadline, self._clock))

@@ -34,7 +34,9 @@ from corral.transports.base import (
 __all__ = ["AiohttpTransport"]
 
 
-def map_aiohttp_error(exc: BaseException, *, request_sent: bool) -> errors.TransportError:
+def map_aiohttp_error(
+    exc: BaseException, *, request_sent: bool, tls: bool = False
+) -> errors.TransportError:
     """The corral error for an aiohttp exception."""
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
@@ -42,7 +44,7 @@ def map_aiohttp_error(exc: BaseException, *, request_sent: bool) -> errors.Trans
     if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
         return errors.ReadTimeout(text, request_sent=request_sent)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return connect_failure(text, exc)
+        return connect_failure(text, exc, tls=tls)
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
         return errors.RemoteProtocolError(text, request_sent=request_sent)
     if isinstance(exc, aiohttp.ClientResponseError):
@@ -131,7 +133,9 @@ class AiohttpTransport:
         except aiohttp.InvalidURL as exc:
             raise errors.InvalidInput(f"bad URL {request.url!r}: {exc}") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            error = map_aiohttp_error(exc, request_sent=watch.request_sent)
+            error = map_aiohttp_error(
+                exc, request_sent=watch.request_sent, tls=request.url.startswith("https:")
+            )
             raise scrub(error, request.headers) from None
         if reply is None:
             raise watch.error()

@@ -179,12 +179,30 @@ def scrub(exc: errors.CorralError, headers: Headers) -> errors.CorralError:
     return exc
 
 
-def connect_failure(text: str, exc: BaseException) -> errors.ConnectError:
-    """``ConnectError`` with ``text``; a TLS handshake the peer did not speak says so."""
+_CUT_OFF = (
+    ConnectionResetError,
+    ConnectionAbortedError,
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+)
+
+
+def connect_failure(text: str, exc: BaseException, *, tls: bool) -> errors.ConnectError:
+    """``ConnectError`` with ``text``; a TLS handshake the peer did not speak says so.
+
+    A plain-HTTP server answers a ClientHello with a 400 (an SSL "wrong version number") or
+    closes the connection; either way the likely mistake is the URL's scheme.
+    """
+    chain: list[BaseException] = []
     cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ssl.SSLError):
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
         cause = cause.__cause__ or cause.__context__
-    if cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+    not_tls = any(
+        isinstance(c, ssl.SSLError) and not isinstance(c, ssl.SSLCertVerificationError)
+        for c in chain
+    )
+    if tls and (not_tls or any(isinstance(c, _CUT_OFF) for c in chain)):
         text += (
             " (the server did not answer TLS: is it a plain-HTTP server? check the URL "
             "scheme, http:// vs https://)"

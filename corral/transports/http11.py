@@ -272,8 +272,9 @@ class H11Transport:
                 )
             else:
                 stream = await anyio.connect_tcp(origin.host, origin.port)
-        except (OSError, ssl.SSLError) as exc:
-            raise connect_failure(f"cannot connect to {origin.host_header}: {exc}", exc) from None
+        except (OSError, ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            text = f"cannot connect to {origin.host_header}: {exc!r}"
+            raise connect_failure(text, exc, tls=tls is not None) from None
         self._open += 1
         return _Connection(origin, stream)
 

@@ -58,14 +58,14 @@ def _error_map(
 
 
 def map_httpx_error(
-    exc: Exception, *, request_sent: bool, module: ModuleType
+    exc: Exception, *, request_sent: bool, module: ModuleType, tls: bool = False
 ) -> errors.TransportError:
     """The corral error for an exception of ``module`` (httpx or httpx2); none leaks."""
     for source, target in _error_map(module):
         if isinstance(exc, source):
             text = f"{type(exc).__name__}: {exc}"
             if target is errors.ConnectError:
-                return connect_failure(text, exc)
+                return connect_failure(text, exc, tls=tls)
             return target(text, request_sent=request_sent)
     return errors.NetworkError(f"{type(exc).__name__}: {exc}", request_sent=request_sent)
 
@@ -172,7 +172,12 @@ class HttpxTransport:
         except module.UnsupportedProtocol as exc:
             raise errors.InvalidInput(f"bad URL {request.url!r}: {exc}") from None
         except module.TransportError as exc:
-            error = map_httpx_error(exc, request_sent=watch.request_sent, module=module)
+            error = map_httpx_error(
+                exc,
+                request_sent=watch.request_sent,
+                module=module,
+                tls=request.url.startswith("https:"),
+            )
             raise scrub(error, request.headers) from None
         if reply is None:
             raise watch.error()
