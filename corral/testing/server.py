@@ -12,7 +12,7 @@ first byte of a request arrives the whole request must arrive within ``request_t
 413 at once, before any of the body is read. A refused client's further bytes are read and
 dropped for ``linger`` seconds after our FIN, so it reads the answer instead of a reset. At
 ``max_connections`` a newcomer closes the longest-idle connection, or gets 503 if all are busy.
-A TLS ClientHello (a client given ``https://``) is closed at once, so the client fails fast.
+A TLS ClientHello (a client given ``https://``) gets a plain-HTTP 400 and a close at once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import attrs
 
@@ -174,7 +174,7 @@ class _Connections:
         return True
 
     def touch(self, conn: _Protocol) -> None:
-        if conn in self._open:
+        if conn in self._open:  # not when evicted or closed
             self._open.move_to_end(conn)
 
     def forget(self, conn: _Protocol) -> None:
@@ -191,7 +191,7 @@ class _Connections:
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         now = time.monotonic()
         for conn in [c for c in self._open if c.deadline <= now]:
-            conn.expire(now)
+            conn.expire()
         self.start(loop)
 
 
@@ -212,11 +212,11 @@ class _Protocol(asyncio.Protocol):
     # -- life cycle -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        tcp = self._transport = cast(asyncio.Transport, transport)
         self._emulator.counts["connections"] += 1
         if not self._conns.admit(self):
-            transport.write(_error_response(503, "too many connections; retry later"))  # type: ignore[attr-defined]
-            self.close()
+            tcp.write(_error_response(503, "too many connections; retry later"))
+            tcp.close()
             return
         self._enter(_Phase.IDLE, time.monotonic() + self._limits.request_timeout)
         sock = transport.get_extra_info("socket")
@@ -230,9 +230,6 @@ class _Protocol(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
 
-    def eof_received(self) -> None:
-        """The client closed its side: close ours (returning None closes the transport)."""
-
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
@@ -241,7 +238,7 @@ class _Protocol(asyncio.Protocol):
         self.phase, self.deadline = phase, deadline
         self._conns.touch(self)
 
-    def expire(self, now: float) -> None:
+    def expire(self) -> None:
         """The sweep found this connection past its deadline."""
         if self.phase is _Phase.READING:
             self._refuse(
@@ -251,6 +248,15 @@ class _Protocol(asyncio.Protocol):
             self._transport.abort()
         else:
             self.close()
+
+    def _plain_http_only(self) -> None:
+        """Answer a TLS ClientHello in plain HTTP and close, as nginx does: the client's TLS
+        stack fails at once with "wrong version number" (the usual sign of https:// to an
+        http:// port) instead of waiting for a ServerHello until it times out."""
+        assert self._transport is not None
+        message = "this server speaks plain HTTP, not TLS: use an http:// URL"
+        self._transport.write(_error_response(400, message))
+        self.close()
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer ``status`` and close, dropping what the client still sends for ``linger`` s."""
@@ -275,11 +281,9 @@ class _Protocol(asyncio.Protocol):
         phase = self.phase
         if phase is _Phase.CLOSING:
             return
-        if phase is _Phase.IDLE:
-            if data.startswith(_TLS_HANDSHAKE):
-                self.close()  # https:// to a plain-HTTP server: fail the handshake now
-                return
-            self._enter(_Phase.READING, time.monotonic() + self._limits.request_timeout)
+        if phase is _Phase.IDLE and data.startswith(_TLS_HANDSHAKE):  # https:// to plain HTTP
+            self._plain_http_only()
+            return
         self._buf += data
         if phase is not _Phase.BUSY:
             self._serve_buffered()
@@ -289,10 +293,13 @@ class _Protocol(asyncio.Protocol):
             self._paused = True
 
     def _serve_buffered(self) -> None:
-        """Answer every complete request in the buffer, then wait in the right phase."""
+        """Answer every complete request in the buffer, then wait in the right phase.
+
+        Called with the connection open and not busy (from ``data_received`` or after an answer).
+        """
         served = False
         now = time.monotonic()
-        while (transport := self._transport) is not None and not transport.is_closing():
+        while self._buf:
             head = self._head
             if head is None:
                 end = self._buf.find(b"\r\n\r\n", self._scanned)
@@ -316,6 +323,8 @@ class _Protocol(asyncio.Protocol):
             plan = self._emulator.handle(now, head.method, head.path, head.headers, body)
             if plan.delay <= 0 and plan.events is None and plan.fault is None:
                 self._write_plain(plan, head.keep_alive)
+                if not head.keep_alive:
+                    return  # closed
                 continue
             self.phase, self.deadline = _Phase.BUSY, math.inf
             self._task = asyncio.get_running_loop().create_task(self._act(plan, head.keep_alive))
@@ -325,6 +334,8 @@ class _Protocol(asyncio.Protocol):
                 self._enter(_Phase.READING, now + self._limits.request_timeout)
             else:
                 self._enter(_Phase.IDLE, now + self._limits.keepalive_timeout)
+        elif self.phase is _Phase.IDLE and self._buf:  # the first bytes of a request
+            self._enter(_Phase.READING, now + self._limits.request_timeout)
 
     def _write_plain(self, plan: Plan, keep_alive: bool) -> None:
         assert self._transport is not None
