@@ -247,3 +247,20 @@ def test_unknown_routes_and_models_over_the_wire() -> None:
     with serve_in_thread() as emu, connect(emu) as sock:  # tests name models freely
         sock.sendall(request(CHAT.replace("gpt-4o-mini", "m")))
         assert read_response(sock)[0] == 200
+
+
+def test_pipelined_bytes_behind_a_slow_answer_are_not_buffered_without_bound() -> None:
+    config = EmulatorConfig(latency=Latency.fixed(2.0))
+    limits = ServerLimits(max_head=1024, max_body=1024)
+    with serve_in_thread(config, limits=limits) as emu, connect(emu) as sock:
+        sock.sendall(request())  # answered after 2 s; meanwhile the client keeps sending
+        sock.setblocking(False)
+        sent, chunk = 0, b"x" * 65536
+        for _ in range(2048):  # up to 128 MiB
+            try:
+                sent += sock.send(chunk)
+            except BlockingIOError:
+                break
+        assert sent < 48 << 20, "the server kept reading while it was answering"
+        sock.settimeout(5.0)
+        assert read_response(sock)[0] == 200
