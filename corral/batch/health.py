@@ -10,7 +10,9 @@ Theory of operation. A failed call ends in one of three ways:
   than that are held: a later success shows they were about their lines after all;
 - **an outage** (connect errors, timeouts, 5xx, an open circuit, with no success since the call
   started): the line is requeued, admission pauses, and one probe is sent at a time with
-  backoff until one succeeds or the outage has lasted ``max_outage`` seconds.
+  backoff until one succeeds or the outage has lasted ``max_outage`` seconds. The same kinds
+  of failure while other calls succeed are a strike against the line: it is requeued once
+  more, and written as a failure at its ``line_strikes``-th strike.
 
 Pure: no clock, no I/O. The runner passes ``now`` and carries out the ``Decision``.
 """
@@ -63,7 +65,10 @@ class Hold:
 
 @attrs.frozen
 class Requeue:
-    """Send the line again once the provider is back."""
+    """Send the line again once the provider is back; ``strike``: the failure counts
+    against the line (other calls succeeded meanwhile)."""
+
+    strike: bool = False
 
 
 @attrs.frozen
@@ -80,6 +85,7 @@ Decision = WriteFailure | Hold | Requeue | StopRun
 @attrs.define
 class ProviderHealth:
     confirmations: int = 3
+    line_strikes: int = 2
     max_outage: float = 600.0
     probe_initial: float = 1.0
     probe_max: float = 30.0
@@ -101,8 +107,11 @@ class ProviderHealth:
         self.probes = 0
         return ended
 
-    def on_failure(self, exc: errors.CorralError, started: float, now: float) -> Decision:
-        """Decide for a call that started at ``started`` and failed at ``now``."""
+    def on_failure(
+        self, exc: errors.CorralError, started: float, now: float, strikes: int = 0
+    ) -> Decision:
+        """Decide for a call that started at ``started`` and failed at ``now``; ``strikes``:
+        the line's earlier strikes."""
         kind = classify_failure(exc)
         if kind == "fatal":
             self.fatal_streak += 1
@@ -112,7 +121,8 @@ class ProviderHealth:
         if kind == "line":
             return WriteFailure()
         if self.last_success is not None and self.last_success >= started:
-            return WriteFailure()  # other calls succeeded meanwhile: this line's own trouble
+            # Other calls succeeded meanwhile: perhaps this line's own trouble.
+            return WriteFailure() if strikes + 1 >= self.line_strikes else Requeue(strike=True)
         if self.outage_since is None:
             self.outage_since = now
         if now - self.outage_since >= self.max_outage:

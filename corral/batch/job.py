@@ -31,10 +31,11 @@ import attrs
 
 from corral.batch.health import ProviderHealth
 from corral.batch.lock import RunLock
-from corral.batch.manifest import Manifest, check_manifest
+from corral.batch.manifest import Manifest, check_manifest, record_manifest
 from corral.batch.paths import check_input, check_output
 from corral.batch.progress import ProgressView, format_summary, summary_dict
-from corral.batch.runner import BatchOptions, BatchReport, BatchRunner, preflight
+from corral.batch.runner import BatchOptions, BatchReport, BatchRunner, Preflight, preflight
+from corral.batch.store import ScanResult, scan_output
 from corral.client import Client, default_middleware, resolve_api_key
 from corral.core.errors import InvalidInput
 from corral.core.models import Timeouts
@@ -234,43 +235,50 @@ async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
     check_input(job.input)
     output = check_output(job.output, input=job.input)
     options = attrs.evolve(job.options, output=output)
+    api_key = _api_key(job)
     with RunLock(output):
         pre = preflight(options)
         for bad in pre.bad:
             print(f"corral: bad line {bad.where(options.input)}: {bad.reason}", file=err)
         if pre.bad_count > len(pre.bad):
             print(f"corral: ... and {pre.bad_count - len(pre.bad)} more bad lines", file=err)
-        api_key = _api_key(job)
         client = Client(
             job.base_url,
             api_key,
             transport=_transport(job.transport, job.timeout),
             middleware=_middleware(job),
         )
-        manifest = Manifest(
-            input_digest=pre.digest,
-            input_size=pre.size,
-            positional_ids=pre.positional_ids,
-            model=job.model,
-            base_url=client.base_url,
-            shard=job.shard,
-        )
-        resuming = output.exists() and output.stat().st_size > 0
         try:
+            manifest = Manifest(
+                input_digest=pre.digest,
+                input_size=pre.size,
+                positional_ids=pre.positional_ids,
+                model=job.model,
+                base_url=client.base_url,
+                shard=job.shard,
+            )
+            resuming = output.exists() and output.stat().st_size > 0
             check_manifest(output, manifest, resuming=resuming, force=job.force_resume)
+            scan = scan_output(output, drop_failures=job.retry_failed)
+            record_manifest(output, manifest)
         except BaseException:
             await client.aclose()
             raise
         runner = BatchRunner(client, options, health=ProviderHealth(max_outage=job.max_outage))
         started = time.monotonic()
-        await _drive(job, runner, client, pre.total, err)
+        await _drive(job, runner, client, pre, scan, err)
         return _finish(job, runner, client, time.monotonic() - started, err)
 
 
 async def _drive(
-    job: BatchJob, runner: BatchRunner, client: Client, total: int, err: TextIO
+    job: BatchJob,
+    runner: BatchRunner,
+    client: Client,
+    pre: Preflight,
+    scan: ScanResult,
+    err: TextIO,
 ) -> None:
-    view = ProgressView(total, enabled=job.progress, stream=err)
+    view = ProgressView(pre.total, enabled=job.progress, stream=err)
 
     async def watch_signals() -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -297,7 +305,7 @@ async def _drive(
             if job.handle_signals:
                 tg.start_soon(watch_signals)
             tg.start_soon(draw)
-            await runner.run()
+            await runner.run(pre, scan)
             tg.cancel_scope.cancel()
     finally:
         view.update(runner, now=anyio.current_time(), force=True)

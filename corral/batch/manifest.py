@@ -17,7 +17,7 @@ import attrs
 from corral.batch.paths import replace_atomically
 from corral.core.errors import InvalidInput
 
-__all__ = ["Manifest", "check_manifest", "manifest_path"]
+__all__ = ["Manifest", "check_manifest", "manifest_path", "record_manifest"]
 
 _VERSION = 1
 
@@ -76,8 +76,14 @@ def _shard(shard: tuple[int, int] | None) -> str:
     return "none" if shard is None else f"{shard[0]}/{shard[1]}"
 
 
+def record_manifest(output: Path, current: Manifest) -> None:
+    """Write ``current`` beside ``output`` (atomically)."""
+    payload = json.dumps(current.to_json(), indent=2).encode() + b"\n"
+    replace_atomically(manifest_path(output), lambda f: f.write(payload))
+
+
 def check_manifest(output: Path, current: Manifest, *, resuming: bool, force: bool = False) -> None:
-    """Refuse a resume whose job differs from the one that wrote ``output``; then record it.
+    """Refuse a resume whose job differs from the one that wrote ``output``.
 
     ``resuming``: the output already holds results. ``force`` accepts changed options, and a
     changed input only when every id is an explicit custom_id (positional ids would move).
@@ -108,5 +114,3 @@ def check_manifest(output: Path, current: Manifest, *, resuming: bool, force: bo
                     f"{', '.join(changed)}. Restore them to resume, use a new output file, "
                     "or pass --force-resume to continue with the new settings"
                 )
-    payload = json.dumps(current.to_json(), indent=2).encode() + b"\n"
-    replace_atomically(path, lambda f: f.write(payload))

@@ -35,28 +35,34 @@ def check_output(output: Path, *, input: Path | None = None) -> Path:
     The resolved path (symlinks followed) is what gets written and locked, so a symlinked
     output stays a symlink and two spellings of one file share one lock.
     """
+    try:
+        st: os.stat_result | None = os.stat(output)  # follows links, /dev/stdout's too
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise InvalidInput(f"{output}: cannot use it as the output ({exc.strerror})") from None
     resolved = output.resolve()
-    if resolved.is_dir():
+    if st is None:
+        parent = resolved.parent
+        if not parent.is_dir():
+            raise InvalidInput(f"{output}: the directory {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InvalidInput(f"{output}: cannot create files in {parent} (permission denied)")
+        return resolved
+    if stat.S_ISDIR(st.st_mode):
         raise InvalidInput(f"{output}: -o is a directory; give a file name inside it")
-    parent = resolved.parent
-    if not parent.is_dir():
-        raise InvalidInput(f"{output}: the directory {parent} does not exist; create it first")
-    if resolved.exists():
-        mode = resolved.stat().st_mode
-        if not stat.S_ISREG(mode):
-            raise InvalidInput(
-                f"{output}: not a regular file (a device, pipe or socket); "
-                "write results to a file and read it afterwards"
-            )
-        if not os.access(resolved, os.W_OK):
-            raise InvalidInput(f"{output}: the output is not writable (permission denied)")
-        if input is not None and input.exists() and os.path.samefile(input, resolved):
-            raise InvalidInput(
-                f"{output}: the output is the input file; give results their own file, "
-                "e.g. -o results.jsonl"
-            )
-    elif not os.access(parent, os.W_OK | os.X_OK):
-        raise InvalidInput(f"{output}: cannot create files in {parent} (permission denied)")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInput(
+            f"{output}: not a regular file (a device, pipe or socket); "
+            "write results to a file and read it afterwards"
+        )
+    if not os.access(resolved, os.W_OK):
+        raise InvalidInput(f"{output}: the output is not writable (permission denied)")
+    if input is not None and input.exists() and os.path.samefile(input, resolved):
+        raise InvalidInput(
+            f"{output}: the output is the input file; give results their own file, "
+            "e.g. -o results.jsonl"
+        )
     return resolved
 
 

@@ -207,7 +207,9 @@ class BatchRunner:
         self.in_flight = 0
         #: Set while admission waits for the provider to come back (for the progress line).
         self.waiting_since: float | None = None
-        self._requeued: collections.deque[BatchItem] = collections.deque()
+        #: Lines to send again, with their strikes (failures while others succeeded).
+        self._requeued: collections.deque[tuple[BatchItem, int]] = collections.deque()
+        self._strikes: dict[str, int] = {}
         self._held: list[tuple[bytes, str]] = []
         #: One worker at a time probes during an outage: ``_prober`` from its backoff wait
         #: until its call (``_probe``) ends.
@@ -250,11 +252,15 @@ class BatchRunner:
             return url[3:]
         return url
 
-    async def run(self, pre: Preflight | None = None) -> BatchReport:
+    async def run(
+        self, pre: Preflight | None = None, scan: ScanResult | None = None
+    ) -> BatchReport:
+        """Send what the output lacks. ``pre`` and ``scan`` (of the input and the output) are
+        made here unless the caller made them already."""
         options = self.options
         pre = pre or preflight(options)
         report = self.report
-        report.before = scan_output(options.output, drop_failures=options.retry_failed)
+        report.before = scan or scan_output(options.output, drop_failures=options.retry_failed)
         report.total, report.bad_lines = pre.total, pre.bad_count
         self._done = report.before.done
         self._source = read_items(options.input)
@@ -303,7 +309,10 @@ class BatchRunner:
         if not self._requeued:
             return None
         self.report.resent += 1
-        return self._requeued.popleft()
+        item, strikes = self._requeued.popleft()
+        if strikes:
+            self._strikes[item.custom_id] = strikes
+        return item
 
     async def _take_probe_turn(self) -> bool:
         """In an outage one worker at a time waits out the backoff and sends a probe."""
@@ -356,6 +365,7 @@ class BatchRunner:
             self._path(item.url), body, labels={"custom_id": item.custom_id}
         )
         self.report.sent += 1
+        strikes = self._strikes.pop(item.custom_id, 0)
         started = anyio.current_time()
         self.in_flight += 1
         error: CorralError | None = None
@@ -376,10 +386,10 @@ class BatchRunner:
             if item is self._probe:
                 self._probe, self._prober = None, False
             self._notify()
-        self._settle(item, line, error, started)
+        self._settle(item, line, error, started, strikes)
 
     def _settle(
-        self, item: BatchItem, line: bytes, error: CorralError | None, started: float
+        self, item: BatchItem, line: bytes, error: CorralError | None, started: float, strikes: int
     ) -> None:
         now = anyio.current_time()
         if error is None:
@@ -389,14 +399,14 @@ class BatchRunner:
                     self._release_held()
             self._write(line, None)
             return
-        match self.health.on_failure(error, started, now):
+        match self.health.on_failure(error, started, now, strikes):
             case WriteFailure():
                 self._write(line, error.kind)
             case Hold():
                 self._held.append((line, error.kind))
-            case Requeue():
+            case Requeue(strike=strike):
                 if not self._stopping:
-                    self._requeued.append(item)
+                    self._requeued.append((item, strikes + strike))
             case StopRun() as stop:
                 if self.report.stopped is None:
                     self.report.stopped = stop

@@ -1,0 +1,70 @@
+"""Helpers shared by test modules (not a test module itself): input files and CLI children."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+#: Runs ``corral.cli.main`` in a child process (the same code as the console script).
+CHILD = "import sys\nfrom corral.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def batch_line(custom_id: str, content: str, **body: Any) -> str:
+    return json.dumps(
+        {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "gpt-4o-mini",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": content}],
+                **body,
+            },
+        }
+    )
+
+
+def write_input(path: Path, n: int, *, extra: Sequence[str] = (), prefix: str = "r") -> None:
+    """``n`` Batch API lines with ids ``r0..r{n-1}``, then the ``extra`` raw lines."""
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(batch_line(f"{prefix}{i}", f"item {i}") + "\n")
+        for line in extra:
+            f.write(line + "\n")
+
+
+def write_bodies(path: Path, contents: Sequence[str]) -> None:
+    """Bare request bodies: their ids are ``line-N``."""
+    with path.open("w") as f:
+        for content in contents:
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
+            f.write(json.dumps(body) + "\n")
+
+
+def read_output(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def corral_child(*args: str) -> list[str]:
+    """The argv of a ``corral`` child process."""
+    return [sys.executable, "-c", CHILD, *args]
+
+
+def wait_until(
+    predicate: Any, timeout: float = 30.0, child: subprocess.Popen[Any] | None = None
+) -> bool:
+    """Poll ``predicate`` (bounded); False if it never held or the child exited first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if child is not None and child.poll() is not None:
+            return bool(predicate())
+        time.sleep(0.02)
+    return False
