@@ -231,6 +231,22 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated models it serves (default: current OpenAI model names)",
     )
     serve.add_argument("--any-model", action="store_true", help="accept every model name")
+    bounds = serve.add_argument_group("bounds on each client")
+    bounds.add_argument(
+        "--max-body", type=_count, default=32 * 1024 * 1024, help="request body bytes (413 beyond)"
+    )
+    bounds.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=30.0,
+        help="seconds a request may take to arrive (408 beyond)",
+    )
+    bounds.add_argument(
+        "--keepalive-timeout", type=_seconds, default=60.0, help="seconds an idle connection stays"
+    )
+    bounds.add_argument(
+        "--max-connections", type=_count, default=1000, help="open connections at most"
+    )
 
     demo = command("demo", "run 2000 reviews through a faulty, rate-limited emulator")
     demo.add_argument("--requests", type=_count, default=2000, help="number of reviews")
@@ -364,7 +380,7 @@ def _latency(text: str) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     from corral.testing.emulator import EmulatorConfig
-    from corral.testing.server import serve_forever
+    from corral.testing.server import ServerLimits, serve_forever
 
     config = EmulatorConfig(
         api_keys=frozenset(args.api_key) if args.api_key else None,
@@ -379,7 +395,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.models:
         config = attrs.evolve(config, models=frozenset(m.strip() for m in args.models.split(",")))
     try:
-        serve_forever(config, args.host, args.port)
+        limits = ServerLimits(
+            max_body=args.max_body,
+            request_timeout=args.request_timeout,
+            keepalive_timeout=args.keepalive_timeout,
+            max_connections=args.max_connections,
+        )
+        serve_forever(config, args.host, args.port, limits=limits)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise InvalidInput(

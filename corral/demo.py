@@ -137,7 +137,7 @@ def run_demo(
         "  corral:   the same RPM/TPM, retries with backoff, concurrency 128",
         file=sys.stderr,
     )
-    with serve_in_thread(DEMO_EMULATOR) as emu:
+    with serve_in_thread(DEMO_EMULATOR, any_model=False) as emu:
         job = BatchJob(
             source,
             output,
