@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -737,3 +738,49 @@ def test_version_three_ways() -> None:
         assert (
             done.returncode == 0 and done.stdout.decode().strip() == f"corral {corral.__version__}"
         )
+
+
+# Issue 12 item 13 in the batch: a relay that echoes the key never gets it into the output.
+
+
+class _EchoKey(BaseHTTPRequestHandler):
+    """A relay that repeats the Authorization header in answers and errors."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        auth = self.headers.get("authorization", "")
+        if "bad" in body["messages"][0]["content"]:
+            status, answer = 400, {"error": {"message": f"rejected {auth}", "code": auth}}
+        else:
+            message = {"role": "assistant", "content": f"you sent {auth}"}
+            answer = {"object": "chat.completion", "choices": [{"index": 0, "message": message}]}
+        data = json.dumps(answer).encode()
+        self.send_response(status if "bad" in body["messages"][0]["content"] else 200)
+        self.send_header("content-type", "application/json")
+        self.send_header("x-request-id", f"req-{auth}")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_an_echoed_key_never_reaches_the_output(tmp_path: Path) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, 3, extra=[batch_line("b", "bad request")])
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _EchoKey)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        assert main(run_args(source, out, base)) == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    text = out.read_text()
+    records = ids_once(out, {"r0", "r1", "r2", "b"})
+    assert sum(r["error"] is None for r in records) == 3
+    assert "[redacted]" in text
+    assert not [KEY[i : i + 8] for i in range(len(KEY) - 7) if KEY[i : i + 8] in text]

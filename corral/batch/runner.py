@@ -30,9 +30,8 @@ from corral.batch.items import BadLine, BatchItem, IdSet, id_hash, read_items
 from corral.batch.store import OutputError, OutputWriter, ScanResult, scan_output
 from corral.client import Client
 from corral.core import jsonlib
-from corral.core.classify import classify
 from corral.core.errors import CorralError, InvalidInput, MalformedResponse
-from corral.core.models import Response
+from corral.core.models import Request, Response
 from corral.core.tokens import (
     EstimatingCounter,
     TokenCounter,
@@ -373,9 +372,10 @@ class BatchRunner:
             response = await self.client.send(request)
             if response.stream is not None:
                 response = await response.aread()
-            line, error = self._result(item.custom_id, response)
+            line, error = self._result(item.custom_id, request, response)
         except CorralError as exc:
-            line, error = _line(item.custom_id, None, _error(exc.kind, str(exc))), exc
+            message = self.client.scrub(str(exc))
+            line, error = _line(item.custom_id, None, _error(exc.kind, message)), exc
         except Exception as exc:  # a bug must not lose the request: record it, log it
             log.exception("internal error on %s", item.custom_id)
             line = _line(item.custom_id, None, _error("internal_error", repr(exc)))
@@ -434,18 +434,22 @@ class BatchRunner:
         else:
             self.report.failed[kind] += 1
 
-    def _result(self, custom_id: str, response: Response) -> tuple[bytes, CorralError | None]:
-        request_id = response.request_id
+    def _result(
+        self, custom_id: str, request: Request, response: Response
+    ) -> tuple[bytes, CorralError | None]:
+        """The output line for ``response``: what the provider sent, scrubbed of the client's
+        credentials (a relay may echo them), and the error it stands for, if any."""
+        client = self.client
+        request_id = response.request_id and client.scrub(response.request_id)
+        error: CorralError | None = client.error_for(request, response)
         try:
-            body = response.json()
+            body = self._scrubbed_json(response)
         except jsonlib.JSONDecodeError:
-            error: CorralError | None = classify(response.status, response.headers, response.body)
             if error is None:
                 error = MalformedResponse(f"HTTP {response.status} body is not JSON")
             payload = {"status_code": response.status, "request_id": request_id, "body": None}
             return _line(custom_id, payload, _error(error.kind, error.message)), error
         payload = {"status_code": response.status, "request_id": request_id, "body": body}
-        error = classify(response.status, response.headers, response.body)
         if error is None:
             usage = response_usage(response)
             if usage is not None:
@@ -453,6 +457,12 @@ class BatchRunner:
                 self.report.tokens_out += usage.completion_tokens
             return _line(custom_id, payload, None), None
         return _line(custom_id, payload, _error(error.kind, error.message)), error
+
+    def _scrubbed_json(self, response: Response) -> Any:
+        parsed = response.json()
+        text = response.body.decode("utf-8", "replace")
+        clean = self.client.scrub(text)
+        return parsed if clean is text else jsonlib.loads(clean)
 
 
 @attrs.frozen
