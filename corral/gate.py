@@ -1,4 +1,4 @@
-"""``Gate``: a resizable counting semaphore that costs nothing when a slot is free.
+"""``Gate``: a resizable counting semaphore that costs next to nothing when a slot is free.
 
 Used for concurrency limits and for the h11 connection pool, on every call. anyio's Semaphore
 and CapacityLimiter checkpoint twice on every acquire even when they need not wait; at tens of
