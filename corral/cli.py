@@ -120,6 +120,13 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds to wait for a provider that is down before stopping (resumable)",
     )
+    g.add_argument(
+        "--max-pause",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest pause a 429's Retry-After may impose on the whole quota",
+    )
     g.add_argument("--cache", type=Path, metavar="PATH", help="cache responses in this SQLite file")
     g.add_argument("--redis", metavar="URL", help="cache responses in Redis (redis extra)")
     g.add_argument("--cache-ttl", type=_seconds, default=7 * _DAY, help="cache entry life, seconds")
@@ -291,6 +298,7 @@ def _job(args: argparse.Namespace, argv: Sequence[str]) -> BatchJob:
         retry_budget=args.retry_budget,
         timeout=args.timeout,
         max_outage=args.max_outage,
+        max_pause=args.max_pause,
         cache=args.cache,
         redis=args.redis,
         cache_ttl=args.cache_ttl,

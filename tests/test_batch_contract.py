@@ -784,3 +784,21 @@ def test_an_echoed_key_never_reaches_the_output(tmp_path: Path) -> None:
     assert sum(r["error"] is None for r in records) == 3
     assert "[redacted]" in text
     assert not [KEY[i : i + 8] for i in range(len(KEY) - 7) if KEY[i : i + 8] in text]
+
+
+def test_a_hostile_retry_after_pauses_the_run_at_most_max_pause(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 12 item 1 through the CLI: a 429 asking for 3 years costs ``--max-pause``."""
+    from corral.testing.emulator import Fault
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, 60)
+    config = EmulatorConfig(faults={Fault.RATE_LIMIT: 0.05}, fault_retry_after=99_999_999, seed=3)
+    with serve_in_thread(config) as emu:
+        started = time.monotonic()
+        args = run_args(source, out, emu.base_url, "--rpm", "60000", "--max-pause", "0.5")
+        assert main([*args, "--timeout", "30", "--json"]) == 0
+        assert time.monotonic() - started < 60  # not 99,999,999 s, nor a deadline per call
+        assert emu.counts.get("429", 0) + emu.counts.get("rate_limited", 0) > 0
+    ids_once(out, {f"r{i}" for i in range(60)})

@@ -82,6 +82,8 @@ class BatchJob:
     retry_budget: float = 0.2
     timeout: float = 600.0
     max_outage: float = 600.0
+    #: Longest pause a 429's Retry-After may impose on the whole quota.
+    max_pause: float = 60.0
     cache: Path | None = None
     redis: str | None = None
     cache_ttl: float = 7 * 24 * 3600.0
@@ -119,6 +121,7 @@ class BatchJob:
                 _finite(self.max_outage) and self.max_outage >= 0,
                 "--max-outage must be 0 or more seconds",
             ),
+            (_finite(self.max_pause) and self.max_pause >= 0, "--max-pause must be >= 0"),
             (self.rpm is None or self.rpm >= 1, "--rpm must be at least 1"),
             (self.tpm is None or self.tpm >= 1, "--tpm must be at least 1"),
             (self.transport in TRANSPORTS, f"--transport must be one of {', '.join(TRANSPORTS)}"),
@@ -205,6 +208,7 @@ def _middleware(job: BatchJob) -> list[Any]:
         max_attempts=job.retries + 1,
         timeout=job.timeout,
         retry_budget=job.retry_budget,
+        max_pause=job.max_pause,
         cache=_cache(job),
         truncate=Truncate() if job.truncate else None,
     )
@@ -212,7 +216,13 @@ def _middleware(job: BatchJob) -> list[Any]:
         with needs_extra("redis", "--quota-redis"):
             from corral.middleware.shared_ratelimit import SharedRateLimit
 
-            shared = SharedRateLimit(job.quota_redis, name=job.quota_name, rpm=job.rpm, tpm=job.tpm)
+            shared = SharedRateLimit(
+                job.quota_redis,
+                name=job.quota_name,
+                rpm=job.rpm,
+                tpm=job.tpm,
+                max_pause=job.max_pause,
+            )
         stack.insert(len(stack) - 1, shared)
     return stack
 
