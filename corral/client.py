@@ -19,9 +19,10 @@ from typing import Any
 import anyio
 import anyio.from_thread
 
+from corral.clock import current_time
 from corral.core import errors
 from corral.core.classify import classify, scrub
-from corral.core.compose import Clock, Handler, Middleware, build_stack, current_time
+from corral.core.compose import Clock, Handler, Middleware, build_stack
 from corral.core.headers import SENSITIVE_HEADERS
 from corral.core.models import Request, RequestOptions, Response, Timeouts
 from corral.core.wire import (

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.anyio
 CHILD = """
 import sys, time, anyio
 from corral.core import api_request, build_stack
-from corral.core.compose import current_time
+from corral.clock import current_time
 from corral.middleware.shared_ratelimit import SharedRateLimit
 from corral.transports import H11Transport
 

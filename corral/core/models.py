@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 
 from corral.core import jsonlib
+from corral.core.call import Call
 from corral.core.headers import Headers
 
 __all__ = [
@@ -68,6 +69,11 @@ class RequestOptions:
     timeouts: Timeouts | None = None
     #: Free-form labels (a batch's custom_id, say) for metrics and logs. Never secrets.
     labels: Mapping[str, str] = attrs.field(factory=dict)
+    #: The call's shared facts and its event sink (call.py); one per call, all attempts.
+    call: Call = attrs.field(
+        eq=False,
+        default=attrs.Factory(lambda self: Call(labels=self.labels), takes_self=True),
+    )
 
 
 @attrs.frozen(repr=False)
@@ -90,7 +96,7 @@ class Request:
         """``with_options(deadline=...)`` without attrs.evolve's introspection (a hot path)."""
         o = self.options
         options = RequestOptions(
-            o.model, o.stream, o.estimated_tokens, deadline, o.cache, o.timeouts, o.labels
+            o.model, o.stream, o.estimated_tokens, deadline, o.cache, o.timeouts, o.labels, o.call
         )
         return Request(self.method, self.url, self.headers, self.body, options)
 

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from corral.core.compose import Clock, Handler, current_time
+from corral.clock import current_time
+from corral.core.compose import Clock, Handler
 from corral.core.errors import CircuitOpen, TransportError
 from corral.core.models import Request, Response
 

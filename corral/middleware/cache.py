@@ -28,8 +28,9 @@ from typing import TypeVar
 import anyio
 import attrs
 
+from corral.clock import current_time
 from corral.core import jsonlib
-from corral.core.compose import Clock, Handler, current_time
+from corral.core.compose import Clock, Handler
 from corral.core.errors import CorralError, InvalidInput
 from corral.core.headers import Headers
 from corral.core.models import ByteStream, CachePolicy, Request, Response

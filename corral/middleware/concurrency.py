@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 
 import attrs
 
-from corral.core.compose import Clock, Handler, current_time
+from corral.clock import current_time
+from corral.core.compose import Clock, Handler
 from corral.core.errors import TimeoutError_
 from corral.core.models import ByteStream, Request, Response
 from corral.gate import Gate

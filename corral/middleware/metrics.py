@@ -18,7 +18,8 @@ from typing import Any
 
 import attrs
 
-from corral.core.compose import Clock, Handler, current_time
+from corral.clock import current_time
+from corral.core.compose import Clock, Handler
 from corral.core.errors import CorralError
 from corral.core.models import Request, Response
 from corral.core.wire import Usage, response_usage

@@ -27,9 +27,10 @@ from collections.abc import Callable
 import anyio
 import attrs
 
+from corral.clock import current_time
 from corral.core import jsonlib
 from corral.core.classify import parse_rate_limit_headers, parse_retry_after
-from corral.core.compose import Clock, Handler, current_time
+from corral.core.compose import Clock, Handler
 from corral.core.errors import RequestTooLarge
 from corral.core.models import Request, Response
 from corral.core.tokens import EstimatingCounter, TokenCounter, estimate_request_tokens

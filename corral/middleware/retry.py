@@ -19,9 +19,10 @@ import random
 import anyio
 import attrs
 
+from corral.clock import current_time
 from corral.core import jsonlib
 from corral.core.classify import classify, parse_retry_after, parse_should_retry
-from corral.core.compose import Clock, Handler, current_time
+from corral.core.compose import Clock, Handler
 from corral.core.errors import CorralError, MalformedResponse, TransportError
 from corral.core.headers import Headers
 from corral.core.models import Request, Response

@@ -28,9 +28,10 @@ from typing import Any, Literal, cast
 import anyio
 import redis
 
+from corral.clock import current_time
 from corral.core import errors
 from corral.core.classify import parse_retry_after
-from corral.core.compose import Clock, Handler, current_time
+from corral.core.compose import Clock, Handler
 from corral.core.models import Request, Response
 from corral.core.wire import response_usage
 from corral.middleware.ratelimit import (

@@ -10,7 +10,8 @@ from __future__ import annotations
 import anyio
 import attrs
 
-from corral.core.compose import Clock, current_time
+from corral.clock import current_time
+from corral.core.compose import Clock
 from corral.core.errors import ReadError, ReadTimeout
 from corral.core.headers import Headers
 from corral.core.models import Request, Response

@@ -18,8 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from corral.clock import current_time
 from corral.core import errors
-from corral.core.compose import current_time
 from corral.core.headers import Headers
 from corral.core.models import Request, Response, Timeouts, Timing
 from corral.transports.base import (

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import anyio
 import attrs
 
+from corral.clock import current_time
 from corral.core import errors
-from corral.core.compose import current_time
 from corral.core.errors import InvalidInput
 from corral.core.headers import SENSITIVE_HEADERS, Headers
 from corral.core.models import Request, Response

@@ -28,8 +28,8 @@ import anyio
 import anyio.abc
 import h11
 
+from corral.clock import current_time
 from corral.core import errors
-from corral.core.compose import current_time
 from corral.core.headers import Headers
 from corral.core.models import Request, Response, Timeouts, Timing
 from corral.gate import Gate

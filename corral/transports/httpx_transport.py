@@ -21,8 +21,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import ModuleType
 from typing import Any
 
+from corral.clock import current_time
 from corral.core import errors
-from corral.core.compose import current_time
 from corral.core.headers import Headers
 from corral.core.models import Request, Response, Timeouts, Timing
 from corral.transports.base import (

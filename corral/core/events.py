@@ -1,0 +1,169 @@
+"""What the stack decided, as frozen values: the record of why a call waited, retried, hit the
+cache, failed over or stopped.
+
+Every policy decision that changes what happens to a call becomes one event. A stack has one
+sink (``EventSink``: a plain function taking an event); the shells hand each event to the
+call's sink, and build it only when there is a sink, so a stack without one pays one ``if``.
+Sinks live in ``corral.observe``: structured logging, OpenTelemetry span events, and a JSONL
+trace file (``corral run --trace FILE``).
+
+Events never carry secrets: no headers, no bodies, only kinds, numbers and the call's labels
+(a batch's custom_id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+__all__ = [
+    "BreakerClosed",
+    "BreakerOpened",
+    "BreakerRefused",
+    "CacheHit",
+    "CacheMiss",
+    "CacheStored",
+    "ConcurrencyChanged",
+    "Event",
+    "EventSink",
+    "GaveUp",
+    "RateLimitPaused",
+    "RateLimitWaited",
+    "RetryScheduled",
+    "TransportResent",
+    "Truncated",
+    "event_fields",
+]
+
+
+@attrs.frozen(kw_only=True)
+class Event:
+    """Base of every event: when (the stack's clock), and which call (labels, attempt)."""
+
+    name: ClassVar[str] = "event"
+    time: float
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+    attempt: int = 0
+
+
+EventSink = Callable[[Event], None]
+
+
+@attrs.frozen(kw_only=True)
+class RetryScheduled(Event):
+    """The attempt failed with ``kind``; the next starts after ``delay`` seconds."""
+
+    name: ClassVar[str] = "retry.scheduled"
+    kind: str
+    delay: float
+    #: Seconds the server asked for (Retry-After), if it did.
+    retry_after: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class GaveUp(Event):
+    """No more attempts: ``reason`` says why (attempts, budget, deadline, not retryable)."""
+
+    name: ClassVar[str] = "retry.gave_up"
+    kind: str
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class RateLimitWaited(Event):
+    """The call waited ``waited`` seconds for quota under ``key`` (requests and tokens)."""
+
+    name: ClassVar[str] = "ratelimit.waited"
+    key: str
+    waited: float
+    tokens: int
+
+
+@attrs.frozen(kw_only=True)
+class RateLimitPaused(Event):
+    """A 429 paused ``key`` until ``until``; ``capped`` if the server asked for longer."""
+
+    name: ClassVar[str] = "ratelimit.paused"
+    key: str
+    until: float
+    requested: float | None
+    capped: bool
+
+
+@attrs.frozen(kw_only=True)
+class BreakerOpened(Event):
+    name: ClassVar[str] = "breaker.opened"
+    key: str
+    failure_rate: float
+    until: float
+
+
+@attrs.frozen(kw_only=True)
+class BreakerClosed(Event):
+    name: ClassVar[str] = "breaker.closed"
+    key: str
+
+
+@attrs.frozen(kw_only=True)
+class BreakerRefused(Event):
+    """The call was refused at once: the circuit for ``key`` is open until ``until``."""
+
+    name: ClassVar[str] = "breaker.refused"
+    key: str
+    until: float
+
+
+@attrs.frozen(kw_only=True)
+class ConcurrencyChanged(Event):
+    """The adaptive limit moved (AIMD): down on overload, up on success at the limit."""
+
+    name: ClassVar[str] = "concurrency.changed"
+    old: int
+    new: int
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class CacheHit(Event):
+    name: ClassVar[str] = "cache.hit"
+
+
+@attrs.frozen(kw_only=True)
+class CacheMiss(Event):
+    name: ClassVar[str] = "cache.miss"
+    #: "absent", "store_error" (the store failed or froze: treated as a miss), "bypass".
+    reason: str = "absent"
+
+
+@attrs.frozen(kw_only=True)
+class CacheStored(Event):
+    name: ClassVar[str] = "cache.stored"
+
+
+@attrs.frozen(kw_only=True)
+class Truncated(Event):
+    """Messages were dropped or trimmed to fit the model's context window."""
+
+    name: ClassVar[str] = "truncate.fitted"
+    tokens_before: int
+    tokens_after: int
+    dropped_messages: int
+
+
+@attrs.frozen(kw_only=True)
+class TransportResent(Event):
+    """A reused connection died before any response byte; the request went again."""
+
+    name: ClassVar[str] = "transport.resent"
+    reason: str
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """The event as plain JSON-ready fields, ``event`` first (for logs and trace files)."""
+    fields: dict[str, Any] = {"event": event.name}
+    for field in attrs.fields(type(event)):
+        value = getattr(event, field.name)
+        fields[field.name] = dict(value) if field.name == "labels" else value
+    return fields
