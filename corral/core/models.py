@@ -10,6 +10,8 @@ import attrs
 
 from corral.core import jsonlib
 from corral.core.call import Call
+from corral.core.classify import classify
+from corral.core.errors import APIError
 from corral.core.headers import Headers
 
 __all__ = [
@@ -136,6 +138,20 @@ class Response:
         if "json" not in self._parsed:
             self._parsed["json"] = jsonlib.loads(self.body)
         return self._parsed["json"]
+
+    def error(self) -> APIError | None:
+        """The error this response stands for (``classify``), computed once; None for 1xx-3xx.
+
+        For the stack's decisions (retry, breaker, overload): its text is not scrubbed of the
+        caller's key, so users get ``Client.error_for`` instead. A streamed error body must be
+        read (``aread``) first.
+        """
+        if self.status < 400:
+            return None
+        if "error" not in self._parsed:
+            self._parsed["error"] = classify(self.status, self.headers, self.body)
+        error: APIError | None = self._parsed["error"]
+        return error
 
     @property
     def request_id(self) -> str | None:
