@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -23,6 +23,7 @@ from corral.clock import current_time
 from corral.core import errors
 from corral.core.classify import classify, scrub
 from corral.core.compose import Clock, Handler, Middleware, build_stack
+from corral.core.events import EventSink
 from corral.core.headers import SENSITIVE_HEADERS
 from corral.core.models import Request, RequestOptions, Response, Timeouts
 from corral.core.wire import (
@@ -151,7 +152,10 @@ class Client:
         timeouts: Timeouts | None = None,
         model: str | None = None,
         headers: Mapping[str, str] | None = None,
+        events: EventSink | None = None,
     ) -> None:
+        """``events``: one sink for every decision the stack makes on this client's calls
+        (``corral.observe`` has logging and trace-file sinks)."""
         self.base_url = (
             base_url
             or os.environ.get("CORRAL_BASE_URL")
@@ -165,7 +169,7 @@ class Client:
             transport = H11Transport(timeouts=timeouts)
         self.transport = transport
         self.middleware = list(default_middleware() if middleware is None else middleware)
-        self.handler: Handler = build_stack(self.middleware, transport)
+        self.handler: Handler = build_stack(self.middleware, transport, events=events)
         self.model = model or os.environ.get("CORRAL_MODEL")
         self._headers = dict(headers or {})
         self._secrets = _credentials(self._api_key, self._headers)
@@ -181,8 +185,9 @@ class Client:
                 return layer.aggregator
         return None
 
-    def request(self, path: str, body: Mapping[str, Any] | None, **options: Any) -> Request:
-        """Build the ``Request`` for ``path`` (relative to ``base_url``) with this client's key."""
+    def build_request(self, path: str, body: Mapping[str, Any] | None, **options: Any) -> Request:
+        """Build (not send) the ``Request`` for ``path``, relative to ``base_url``, with this
+        client's key; ``send`` sends it."""
         return api_request(
             self.base_url,
             path,
@@ -244,7 +249,7 @@ class Client:
         """One chat completion. Extra keyword arguments go into the request body as they are."""
         body = self._chat_body(messages, model, params)
         body.pop("stream", None)
-        response = await self._checked(self.request("/chat/completions", body))
+        response = await self._checked(self.build_request("/chat/completions", body))
         return decode_chat(response, secrets=self._secrets)
 
     async def stream_chat(
@@ -259,7 +264,7 @@ class Client:
         body = self._chat_body(messages, model, params)
         body["stream"] = True
         body.setdefault("stream_options", {"include_usage": True})
-        request = self.request("/chat/completions", body)
+        request = self.build_request("/chat/completions", body)
         response = await self.send(request)
         if response.stream is None:
             raise_for_status(response, secrets=self._secrets, url=request.url)
@@ -289,11 +294,11 @@ class Client:
 
     async def embed(self, input: str | Sequence[str], *, model: str, **params: Any) -> Embeddings:
         body = {"model": model, "input": input, **params}
-        response = await self._checked(self.request("/embeddings", body))
+        response = await self._checked(self.build_request("/embeddings", body))
         return decode_embeddings(response, secrets=self._secrets)
 
     async def models(self) -> list[str]:
-        response = await self._checked(self.request("/models", None))
+        response = await self._checked(self.build_request("/models", None))
         return decode_models(response, secrets=self._secrets)
 
     def map(
@@ -318,7 +323,15 @@ class Client:
         return MapRun(call, bodies, concurrency, ordered)
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        """Close the transport and every layer that holds resources (a cache's store, a
+        shared limiter's Redis client)."""
+        try:
+            for layer in self.middleware:
+                close = getattr(layer, "aclose", None)
+                if close is not None:
+                    await close()
+        finally:
+            await self.transport.aclose()
 
     async def __aenter__(self) -> Client:
         return self
@@ -363,13 +376,28 @@ class SyncClient:
 
     def stream_chat(
         self, messages: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any
-    ) -> list[ChatChunk]:
-        """All chunks of one streamed answer (a list: a blocking iterator would hold the loop)."""
+    ) -> Iterator[ChatChunk]:
+        """Chunks as they arrive. One task on the client's loop reads the stream and hands
+        chunks over a small buffer; closing the iterator early cancels it."""
+        send, receive = anyio.create_memory_object_stream[ChatChunk](16)
 
-        async def collect() -> list[ChatChunk]:
-            return [c async for c in self._client.stream_chat(messages, **kwargs)]
+        async def pump() -> None:
+            async with send:
+                async for chunk in self._client.stream_chat(messages, **kwargs):
+                    await send.send(chunk)
 
-        return self._portal.call(collect)
+        future = self._portal.start_task_soon(pump)
+        try:
+            while True:
+                try:
+                    yield self._portal.call(receive.receive)
+                except anyio.EndOfStream:
+                    break
+            future.result()  # the stream's error, if it ended with one
+        finally:
+            if not future.done():
+                future.cancel()
+            self._portal.call(receive.aclose)
 
     def map(self, bodies: Iterable[Mapping[str, Any]], **kwargs: Any) -> list[MapResult]:
         async def collect() -> list[MapResult]:

@@ -106,8 +106,19 @@ async def test_default_stack_absorbs_faults() -> None:
 def test_sync_client(emulator: RunningEmulator) -> None:
     with SyncClient(emulator.base_url, CANARY_KEY, model="m") as client:
         assert client.chat(MESSAGES).text
-        assert client.stream_chat(MESSAGES)
+        chunks = client.stream_chat(MESSAGES)
+        assert not isinstance(chunks, list)  # an iterator: chunks as they arrive
+        assert "".join(c.text for c in chunks) == client.chat(MESSAGES).text
+        early = client.stream_chat(MESSAGES)
+        assert next(early).text is not None
+        early.close()  # stopping early cancels the stream; the client stays usable
         assert len(client.map([{"messages": MESSAGES}] * 5)) == 5
+
+
+def test_sync_stream_errors_reach_the_caller() -> None:
+    with SyncClient("http://127.0.0.1:9/v1", CANARY_KEY, model="m", middleware=[]) as client:
+        with pytest.raises(errors.ConnectError):
+            list(client.stream_chat(MESSAGES))
 
 
 async def test_cancellation_propagates(emulator: RunningEmulator) -> None:

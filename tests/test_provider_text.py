@@ -117,7 +117,7 @@ async def test_an_echoed_key_never_reaches_a_stream_error(server: str) -> None:
 
 async def test_error_for_and_scrub_serve_records_built_from_provider_text(server: str) -> None:
     async with client(f"{server}/echo-json") as c:
-        request = c.request("/chat/completions", {"model": "m", "messages": MESSAGES})
+        request = c.build_request("/chat/completions", {"model": "m", "messages": MESSAGES})
         response = await c.send(request)
         error = c.error_for(request, response)
         assert isinstance(error, errors.AuthenticationError) and pieces(str(error)) == []

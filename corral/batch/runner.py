@@ -360,7 +360,7 @@ class BatchRunner:
             body.pop("stream_options", None)
         if self.options.model:
             body["model"] = self.options.model
-        request = self.client.request(
+        request = self.client.build_request(
             self._path(item.url), body, labels={"custom_id": item.custom_id}
         )
         self.report.sent += 1
