@@ -193,6 +193,12 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-failures", action="store_true", help="exit 0 even if the output holds failures"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress display")
+    run.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        help="append every decision (waits, retries, pauses, cache, breaker) as JSON lines",
+    )
     _add_policy_flags(run)
 
     prep = command("prepare", "fill a prompt template from a CSV/JSONL table into requests")
@@ -255,6 +261,10 @@ def _parser() -> argparse.ArgumentParser:
         "--max-connections", type=_count, default=1000, help="open connections at most"
     )
 
+    trace = command("trace", "tell one request's story from a --trace file")
+    trace.add_argument("file", type=Path, help="the JSONL file written by corral run --trace")
+    trace.add_argument("--id", required=True, help="the custom_id to tell the story of")
+
     demo = command("demo", "run 2000 reviews through a faulty, rate-limited emulator")
     demo.add_argument("--requests", type=_count, default=2000, help="number of reviews")
     demo.add_argument("--dir", type=Path, default=Path("corral-demo"), help="where files go")
@@ -309,6 +319,7 @@ def _job(args: argparse.Namespace, argv: Sequence[str]) -> BatchJob:
         progress=not args.no_progress,
         json_summary=args.json,
         resume_command=resume_command(argv),
+        trace=args.trace,
     )
 
 
@@ -419,6 +430,16 @@ def _serve(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _trace(args: argparse.Namespace) -> int:
+    from corral.observe import format_story, read_trace
+
+    events = list(read_trace(args.file, args.id))
+    if not events:
+        raise InvalidInput(f"{args.file}: no events for custom_id {args.id!r}")
+    print(f"custom_id {args.id}: {len(events)} events\n{format_story(events)}")
+    return ExitCode.OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from corral.demo import run_demo
 
@@ -438,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "prepare":
             return _prepare(args)
+        if args.command == "trace":
+            return _trace(args)
         if args.dry_run:
             return _dry_run(args)
         job = _job(args, words)

@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+#: The canary key: the secrets tests assert that no piece of it leaks anywhere.
+CANARY_KEY = "sk-canary-Zq8xW3vT9pL2mN5bR7yK"
+
 #: Runs ``corral.cli.main`` in a child process (the same code as the console script).
 CHILD = "import sys\nfrom corral.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 

@@ -802,3 +802,29 @@ def test_a_hostile_retry_after_pauses_the_run_at_most_max_pause(
         assert time.monotonic() - started < 60  # not 99,999,999 s, nor a deadline per call
         assert emu.counts.get("429", 0) + emu.counts.get("rate_limited", 0) > 0
     ids_once(out, {f"r{i}" for i in range(60)})
+
+
+# Issue 13 item 3: a trace file tells why a line took long.
+
+
+def test_trace_tells_one_requests_story(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from corral.testing.emulator import Fault
+
+    source, out, trace = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "trace.jsonl"
+    write_input(source, 40)
+    config = EmulatorConfig(faults={Fault.SERVER_ERROR: 0.3}, seed=11)
+    with serve_in_thread(config) as emu:
+        args = run_args(source, out, emu.base_url, "--trace", str(trace), "--retry-budget", "5")
+        assert main([*args, "--rpm", "60000"]) == 0
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    retried = [e for e in events if e["event"] == "retry.scheduled"]
+    assert retried and all(e["kind"] == "server_error" and e["delay"] > 0 for e in retried)
+    assert {e["event"] for e in events} >= {"retry.scheduled", "ratelimit.waited"}
+    custom_id = retried[0]["labels"]["custom_id"]
+    capsys.readouterr()
+    assert main(["trace", str(trace), "--id", custom_id]) == 0
+    story = capsys.readouterr().out
+    assert f"custom_id {custom_id}" in story and "retry.scheduled attempt 1" in story
+    assert KEY not in trace.read_text()
+    assert main(["trace", str(trace), "--id", "no-such-id"]) == 2
+    assert "no events" in refused(capsys)

@@ -21,6 +21,7 @@ import signal
 import sqlite3
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,10 +39,12 @@ from corral.batch.runner import BatchOptions, BatchReport, BatchRunner, Prefligh
 from corral.batch.store import ScanResult, scan_output
 from corral.client import Client, default_middleware, resolve_api_key
 from corral.core.errors import InvalidInput
+from corral.core.events import EventSink, TransportResent
 from corral.core.models import Timeouts
 from corral.middleware.cache import Cache, CacheRules
 from corral.middleware.retry import Retry
 from corral.middleware.truncate import Truncate
+from corral.observe import TraceFile, fan_out
 from corral.transports.base import Transport
 
 __all__ = ["BatchJob", "ExitCode", "JobResult", "run_job"]
@@ -96,6 +99,8 @@ class BatchJob:
     handle_signals: bool = True
     #: The command that resumes this run, printed when it stops early (no secrets in it).
     resume_command: str | None = None
+    #: Append every decision (waits, retries, pauses, cache, breaker) to this JSONL file.
+    trace: Path | None = None
 
     @property
     def options(self) -> BatchOptions:
@@ -252,11 +257,15 @@ async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
             print(f"corral: bad line {bad.where(options.input)}: {bad.reason}", file=err)
         if pre.bad_count > len(pre.bad):
             print(f"corral: ... and {pre.bad_count - len(pre.bad)} more bad lines", file=err)
+        counted: Counter[str] = Counter()
+        trace = TraceFile(job.trace) if job.trace is not None else None
+        sinks: list[EventSink] = [lambda event: counted.update((event.name,))]
         client = Client(
             job.base_url,
             api_key,
             transport=_transport(job.transport, job.timeout),
             middleware=_middleware(job),
+            events=fan_out(*sinks, *([trace] if trace else [])),
         )
         try:
             manifest = Manifest(
@@ -273,11 +282,17 @@ async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
             record_manifest(output, manifest)
         except BaseException:
             await client.aclose()
+            if trace is not None:
+                trace.close()
             raise
         runner = BatchRunner(client, options, health=ProviderHealth(max_outage=job.max_outage))
         started = time.monotonic()
-        await _drive(job, runner, client, pre, scan, err)
-        return _finish(job, runner, client, time.monotonic() - started, err)
+        try:
+            await _drive(job, runner, client, pre, scan, err)
+        finally:
+            if trace is not None:
+                trace.close()
+        return _finish(job, runner, client, counted, time.monotonic() - started, err)
 
 
 async def _drive(
@@ -323,12 +338,17 @@ async def _drive(
 
 
 def _finish(
-    job: BatchJob, runner: BatchRunner, client: Client, elapsed: float, err: TextIO
+    job: BatchJob,
+    runner: BatchRunner,
+    client: Client,
+    events: Counter[str],
+    elapsed: float,
+    err: TextIO,
 ) -> JobResult:
     report = runner.report
     retry = next((m for m in client.middleware if isinstance(m, Retry)), None)
     limiter_wait = sum(getattr(m, "waited", 0.0) for m in client.middleware)
-    resends = getattr(client.transport, "resends", 0)
+    resends = events[TransportResent.name]
     summary = summary_dict(
         report,
         client.metrics.snapshot() if client.metrics is not None else None,

@@ -3,6 +3,8 @@
 ``Tracing`` opens one client span per call around the layers inside it. Attributes follow the
 OpenTelemetry HTTP and GenAI conventions and hold no secret: method, host, model, status,
 tokens, whether the cache answered, and the error kind. Headers and bodies are never recorded.
+``span_events`` is an event sink (``Client(events=span_events)``) that adds each decision of
+the stack (retry scheduled, rate-limit wait, breaker opened...) to the current span.
 """
 
 from __future__ import annotations
@@ -14,10 +16,26 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from corral.core.compose import Handler
 from corral.core.errors import CorralError
+from corral.core.events import Event, event_fields
 from corral.core.models import Request, Response
 from corral.core.wire import response_usage
 
-__all__ = ["Tracing"]
+__all__ = ["Tracing", "span_events"]
+
+
+def span_events(event: Event) -> None:
+    """An event sink: each decision becomes an event on the current span (``Tracing``'s span
+    when it is outermost), so a trace shows why a call waited, retried or hit the cache."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    attributes: dict[str, str | int | float | bool] = {}
+    for key, value in event_fields(event).items():
+        if key == "labels":
+            attributes.update({f"corral.label.{k}": v for k, v in value.items()})
+        elif isinstance(value, str | int | float | bool) and key != "event":
+            attributes[f"corral.{key}"] = value
+    span.add_event(event.name, attributes)
 
 
 class Tracing:
