@@ -244,6 +244,15 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated models it serves (default: current OpenAI model names)",
     )
     serve.add_argument("--any-model", action="store_true", help="accept every model name")
+    serve.add_argument(
+        "--count",
+        choices=["usage", "reserved"],
+        default="usage",
+        help="how TPM is charged: the real usage, or prompt estimate + max_tokens at admission",
+    )
+    serve.add_argument(
+        "--faults-use-quota", action="store_true", help="injected faults count against RPM/TPM"
+    )
     bounds = serve.add_argument_group("bounds on each client")
     bounds.add_argument(
         "--max-body", type=_count, default=32 * 1024 * 1024, help="request body bytes (413 beyond)"
@@ -410,6 +419,8 @@ def _serve(args: argparse.Namespace) -> int:
         faults=_faults(args.fault),
         seed=args.seed,
         any_model=args.any_model,
+        count=args.count,
+        faults_use_quota=args.faults_use_quota,
     )
     if args.models:
         config = attrs.evolve(config, models=frozenset(m.strip() for m in args.models.split(",")))

@@ -168,3 +168,45 @@ def test_models_is_configurable_and_any_model_accepts_all() -> None:
     anything = Emulator(EmulatorConfig(any_model=True))
     assert call(anything, chat_body(model="m")).status == 200
     assert call(anything, {"model": "e", "input": "x"}, path="/v1/embeddings").status == 200
+
+
+def _chat_body(content: str, max_tokens: int | None) -> bytes:
+    body: dict[str, object] = {"model": "m", "messages": [{"role": "user", "content": content}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return json.dumps(body).encode()
+
+
+def test_reserved_counting_charges_the_estimate_plus_max_tokens_and_keeps_it() -> None:
+    """``count="reserved"``: prompt (characters / 4) + max_tokens, not the usage."""
+    from corral.testing.emulator import Emulator, EmulatorConfig
+
+    auth = {"authorization": "Bearer sk-test-key-1234"}
+    prompt = "x" * 400  # 100 tokens by the provider's estimate (+3 per message)
+    reserved = Emulator(EmulatorConfig(tpm=1000, count="reserved", any_model=True))
+    usage = Emulator(EmulatorConfig(tpm=1000, count="usage", any_model=True))
+    admitted = {"reserved": 0, "usage": 0}
+    for name, emu in (("reserved", reserved), ("usage", usage)):
+        for _ in range(20):
+            plan = emu.handle(0.0, "POST", "/v1/chat/completions", auth, _chat_body(prompt, 397))
+            admitted[name] += plan.status == 200
+    assert admitted["reserved"] == 2  # 1000 // (103 + 397): unused max_tokens stay charged
+    assert admitted["usage"] > 2
+
+
+def test_injected_faults_do_not_use_quota_unless_asked() -> None:
+    from corral.testing.emulator import Emulator, EmulatorConfig, Fault
+
+    auth = {"authorization": "Bearer sk-test-key-1234"}
+    for use_quota, expected in ((False, 0), (True, 5)):
+        emu = Emulator(
+            EmulatorConfig(
+                rpm=5, faults={Fault.SERVER_ERROR: 1.0}, faults_use_quota=use_quota, any_model=True
+            )
+        )
+        for _ in range(5):
+            assert (
+                emu.handle(0.0, "POST", "/v1/chat/completions", auth, _chat_body("hi", 5)).status
+                == 500
+            )
+        assert len(emu.quota._log) == expected

@@ -141,6 +141,12 @@ class EmulatorConfig:
     tpm: int | None = None
     #: The limits' sliding window in seconds (providers use 60; tests shorten it).
     window: float = 60.0
+    #: How TPM is charged at admission: ``"reserved"`` counts the prompt as the provider
+    #: estimates it (characters / 4) plus ``max_tokens`` (OpenAI's rate-limit guide), and
+    #: does not give back what the answer did not use; ``"usage"`` counts the real usage.
+    count: str = "usage"
+    #: Do injected faults (500, 503, 429, resets...) count against the limits?
+    faults_use_quota: bool = False
     #: Fault kind -> probability per admitted request.
     faults: Mapping[Fault, float] = attrs.field(factory=dict)
     seed: int = 0
@@ -178,6 +184,21 @@ def _error(status: int, message: str, code: str | None, kind: str) -> bytes:
     return jsonlib.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
+def estimate_prompt(messages: list[Any]) -> int:
+    """The provider's own prompt estimate for rate limits: characters / 4, rounded up (not
+    corral's estimator, so the two can disagree as a real provider and corral do)."""
+    chars = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(
+                len(str(part.get("text", ""))) for part in content if isinstance(part, dict)
+            )
+    return -(-chars // 4) + 3 * len(messages)
+
+
 class Emulator:
     """The provider's logic. Not thread-safe: one server loop owns it."""
 
@@ -188,6 +209,8 @@ class Emulator:
         self._rng = random.Random(self.config.seed)
         self._counter = EstimatingCounter()
         self._ids = 0
+        if self.config.count not in ("reserved", "usage"):
+            raise ValueError(f"count must be 'reserved' or 'usage', got {self.config.count!r}")
         fault_total = sum(self.config.faults.values())
         if fault_total > 1:
             raise ValueError(f"fault rates add up to {fault_total} > 1")
@@ -288,12 +311,17 @@ class Emulator:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
-        admission = self.quota.try_admit(now, prompt + completion)
+        charged = prompt + completion
+        if self.config.count == "reserved":
+            charged = estimate_prompt(messages) + (max_out if max_out else completion)
+        fault = self._draw_fault()
+        admission = self.quota.try_admit(
+            now, charged, charge=fault is None or self.config.faults_use_quota
+        )
         limit_headers = self._limit_headers(admission)
         if not admission.admitted:
             return self._rate_limited(admission, rid + limit_headers)
         headers = rid + limit_headers
-        fault = self._draw_fault()
         if fault is Fault.RATE_LIMIT:
             return self._fail(
                 429,

@@ -48,7 +48,8 @@ class SlidingWindowQuota:
                     return max(0.0, at + self.window - now)
         return float("inf")
 
-    def try_admit(self, now: float, tokens: int) -> Admission:
+    def try_admit(self, now: float, tokens: int, *, charge: bool = True) -> Admission:
+        """Admit (and, with ``charge``, count) a call of ``tokens`` at ``now``."""
         self._expire(now)
         count = len(self._log)
         req_wait = 0.0
@@ -58,7 +59,7 @@ class SlidingWindowQuota:
         if self.tpm is not None and self._tokens + tokens > self.tpm:
             tok_wait = self._token_wait(now, tokens)
         admitted = req_wait <= 0 and tok_wait <= 0
-        if admitted:
+        if admitted and charge:
             self._log.append((now, tokens))
             self._tokens += tokens
             count += 1
