@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from corral.core import errors
-from corral.core.headers import Headers
-from corral.middleware.breaker import BreakerPolicy, State
-from corral.middleware.concurrency import AIMDPolicy
-from corral.middleware.ratelimit import Cost, RateLimitPolicy, pause_after_429
-from corral.middleware.retry import GiveUp, RetryAfter, RetryBudget, RetryPolicy
+from corral.middleware.breaker import Allow, BreakerConfig, BreakerPolicy, Refuse, State
+from corral.middleware.concurrency import AIMDPolicy, ConcurrencyConfig
+from corral.middleware.ratelimit import (
+    Cost,
+    Delay,
+    NoPause,
+    Pause,
+    PausePolicy,
+    Proceed,
+    RateLimitConfig,
+    RateLimitPolicy,
+    Reject,
+)
+from corral.middleware.retry import RetryBudget
 
 arrivals = st.lists(
     st.tuples(st.floats(0, 30, allow_nan=False), st.integers(1, 400)), min_size=1, max_size=80
@@ -32,7 +39,8 @@ arrivals = st.lists(
 def test_rate_limit_windows_and_work_conservation(
     arrivals: list[tuple[float, int]], rpm: int, tpm: int, burst_r: int | None, burst_t: int | None
 ) -> None:
-    policy = RateLimitPolicy(0.0, rpm=rpm, tpm=tpm, burst_requests=burst_r, burst_tokens=burst_t)
+    config = RateLimitConfig(rpm=rpm, tpm=tpm, burst_requests=burst_r, burst_tokens=burst_t)
+    policy = RateLimitPolicy(config, 0.0)
     token_cap = policy.tokens[0].capacity
     admitted: list[tuple[float, int]] = []
     clock = 0.0
@@ -41,15 +49,15 @@ def test_rate_limit_windows_and_work_conservation(
         gap += offset
         clock = max(clock, gap)  # FIFO: a call starts no earlier than the one before it
         cost = Cost(1, tokens)
+        decision = policy.admit(clock, cost)
         if tokens > token_cap:
-            with pytest.raises(errors.RequestTooLarge):
-                policy.check(clock, cost)
+            assert isinstance(decision, Reject)
             continue
-        wait = policy.check(clock, cost)
-        assert wait >= 0
-        clock += wait
-        assert policy.check(clock, cost) <= 1e-6  # work-conserving: no delay beyond the need
-        policy.take(clock, cost)
+        if isinstance(decision, Delay):
+            assert decision.until > clock
+            clock = decision.until
+            decision = policy.admit(clock, cost)
+        assert isinstance(decision, Proceed)  # work-conserving: no delay beyond the need
         admitted.append((clock, tokens))
     # A burst below the limit is paid for by a slower refill, so a window holds <= limit;
     # a burst equal to the limit allows limit + burst, the bound the docs promise.
@@ -63,93 +71,23 @@ def test_rate_limit_windows_and_work_conservation(
 
 
 def test_cold_start_burst_is_bounded() -> None:
-    policy = RateLimitPolicy(0.0, rpm=600, burst_requests=5)
+    policy = RateLimitPolicy(RateLimitConfig(rpm=600, burst_requests=5), 0.0)
     taken = 0
-    while policy.check(0.0, Cost()) == 0:
-        policy.take(0.0, Cost())
+    while isinstance(policy.admit(0.0, Cost()), Proceed):
         taken += 1
     assert taken == 5
 
 
 def test_settle_refunds_and_resync_only_lowers() -> None:
-    policy = RateLimitPolicy(0.0, tpm=6_000, burst_tokens=1_000)
-    policy.take(0.0, Cost(1, 1_000))
-    assert policy.check(0.0, Cost(1, 500)) > 0
+    policy = RateLimitPolicy(RateLimitConfig(tpm=6_000, burst_tokens=1_000), 0.0)
+    assert isinstance(policy.admit(0.0, Cost(1, 1_000)), Proceed)
+    assert isinstance(policy.admit(0.0, Cost(1, 500)), Delay)
     policy.settle(0.0, reserved=1_000, actual=400)
-    assert policy.check(0.0, Cost(1, 500)) == 0
+    assert policy.tokens[0].level == 600
     policy.resync(0.0, None, 10_000)
     assert policy.tokens[0].level == 600
     policy.resync(0.0, None, 100)
     assert policy.tokens[0].level == 100
-
-
-@given(
-    attempt=st.integers(1, 80),
-    hint=st.one_of(st.none(), st.floats(0, 200, allow_nan=False)),
-    base=st.floats(0.01, 2),
-    cap=st.floats(0.1, 60),
-    seed=st.integers(),
-)
-def test_backoff_bounds_and_retry_after(
-    attempt: int, hint: float | None, base: float, cap: float, seed: int
-) -> None:
-    policy = RetryPolicy(max_attempts=100, base=base, cap=cap, rng=random.Random(seed))
-    headers = Headers({} if hint is None else {"retry-after": repr(hint)})
-    decision = policy.decide(attempt, errors.ServerError("x", status=500), headers, 0.0, None, None)
-    if hint is not None and hint > policy.max_retry_after:
-        assert isinstance(decision, GiveUp)
-        return
-    assert isinstance(decision, RetryAfter)
-    ceiling = min(cap, base * 2 ** min(attempt - 1, 60))
-    if hint is None:
-        assert 0 <= decision.delay <= ceiling
-    else:
-        assert decision.delay >= hint and decision.delay <= max(hint, ceiling)
-
-
-@given(st.integers(1, 10), st.floats(0, 100), st.floats(0, 100))
-def test_attempts_and_deadline_are_respected(
-    max_attempts: int, now: float, budget_s: float
-) -> None:
-    policy = RetryPolicy(max_attempts=max_attempts, base=1, cap=4, rng=random.Random(0))
-    deadline = now + budget_s
-    clock, attempts = now, 1
-    while True:
-        d = policy.decide(
-            attempts, errors.ServerError("x", status=503), None, clock, deadline, None
-        )
-        if isinstance(d, GiveUp):
-            break
-        clock += d.delay
-        attempts += 1
-    assert attempts <= max_attempts
-    assert clock < deadline or clock == now
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        errors.BadRequestError("x", status=400),
-        errors.AuthenticationError("x", status=401),
-        errors.AuthenticationError("x", status=403),
-        errors.NotFoundError("x", status=404),
-        errors.ContextLengthExceeded("x"),
-    ],
-)
-def test_client_errors_are_never_retried(error: errors.CorralError) -> None:
-    assert isinstance(RetryPolicy().decide(1, error, Headers(), 0, None, None), GiveUp)
-
-
-def test_should_retry_header_overrides() -> None:
-    policy = RetryPolicy()
-    no = Headers({"x-should-retry": "false"})
-    yes = Headers({"x-should-retry": "true"})
-    assert isinstance(
-        policy.decide(1, errors.ServerError("x", status=500), no, 0, None, None), GiveUp
-    )
-    assert isinstance(
-        policy.decide(1, errors.APIError("x", status=418), yes, 0, None, None), RetryAfter
-    )
 
 
 @given(st.lists(st.booleans(), max_size=300), st.floats(0, 1))
@@ -172,25 +110,23 @@ def test_budget_never_negative_and_bounds_retries(ops: list[bool], ratio: float)
     st.integers(20, 300),
 )
 def test_aimd_stays_within_bounds(events: list[tuple[bool, int, float]], lo: int, hi: int) -> None:
-    policy = AIMDPolicy(minimum=lo, maximum=hi, limit=lo)
+    policy = AIMDPolicy(ConcurrencyConfig(adaptive=True, minimum=lo, maximum=hi, limit=lo))
     now = 0.0
+    overloaded = errors.RateLimited("x")
     for overload, in_flight, dt in events:
         now += dt
-        if overload:
-            policy.on_overload(now)
-        else:
-            policy.on_success(in_flight)
+        policy.observe(now, overloaded if overload else None, in_flight)
         assert lo <= policy.limit <= hi
 
 
 def test_aimd_grows_when_saturated_and_backs_off() -> None:
-    policy = AIMDPolicy(minimum=1, maximum=100, limit=10)
+    policy = AIMDPolicy(ConcurrencyConfig(adaptive=True, minimum=1, maximum=100, limit=10))
     for _ in range(100):
-        policy.on_success(in_flight=int(policy.limit))
+        policy.observe(0.0, None, in_flight=int(policy.limit))
     assert policy.limit > 15
     before = policy.limit
-    policy.on_overload(1.0)
-    policy.on_overload(1.1)  # within the cooldown: one decrease only
+    policy.observe(1.0, errors.ServerError("x", status=503), 1)
+    policy.observe(1.1, errors.ReadTimeout("x"), 1)  # within the cooldown: one decrease only
     assert policy.limit == pytest.approx(before / 2)
 
 
@@ -199,7 +135,8 @@ class BreakerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.policy = BreakerPolicy(window=10, min_calls=4, threshold=0.5, cooldown=5, probes=1)
+        config = BreakerConfig(window=10, min_calls=4, threshold=0.5, cooldown=5, probes=1)
+        self.policy = BreakerPolicy(config)
         self.now = 0.0
         self.admitted = 0
 
@@ -211,17 +148,18 @@ class BreakerMachine(RuleBasedStateMachine):
     def call(self, failed: bool) -> None:
         before = self.policy.state
         verdict = self.policy.before(self.now)
-        if verdict is not None:
+        if isinstance(verdict, Refuse):
             assert self.policy.state in (State.OPEN, State.HALF_OPEN)
-            assert verdict > self.now or self.policy.state is State.HALF_OPEN
+            assert verdict.until > self.now or self.policy.state is State.HALF_OPEN
             return
+        assert isinstance(verdict, Allow)
         mid = self.policy.state
         assert (before, mid) in {
             (State.CLOSED, State.CLOSED),
             (State.OPEN, State.HALF_OPEN),
             (State.HALF_OPEN, State.HALF_OPEN),
         }
-        self.policy.record(self.now, failed)
+        self.policy.record(self.now, errors.ServerError("x", status=500) if failed else None)
         after = self.policy.state
         allowed = {
             State.CLOSED: {State.CLOSED, State.OPEN},
@@ -234,8 +172,9 @@ class BreakerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.policy.state is State.OPEN)
     @rule()
     def open_refuses_until_cooldown(self) -> None:
-        if self.now < self.policy.opened_at + self.policy.cooldown:
-            assert self.policy.before(self.now) == self.policy.opened_at + self.policy.cooldown
+        until = self.policy.opened_at + self.policy.config.cooldown
+        if self.now < until:
+            assert self.policy.before(self.now) == Refuse(until)
 
     @invariant()
     def state_is_known(self) -> None:
@@ -250,6 +189,10 @@ TestBreaker = BreakerMachine.TestCase
     max_pause=st.floats(0, 3600),
 )
 def test_a_429_pause_is_finite_and_capped(asked: float | None, max_pause: float) -> None:
-    pause = pause_after_429(asked, max_pause)
-    assert 0.0 <= pause.seconds <= max_pause
+    pause = PausePolicy(max_pause=max_pause).decide(
+        100.0, errors.RateLimited("x", retry_after=asked)
+    )
+    assert isinstance(pause, Pause)
+    assert 0.0 <= pause.seconds <= max_pause and pause.until == 100.0 + pause.seconds
     assert pause.capped == (asked is not None and asked > max_pause)
+    assert isinstance(PausePolicy(max_pause=max_pause).decide(0.0, None), NoPause)

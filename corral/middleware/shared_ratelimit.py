@@ -1,11 +1,11 @@
-"""A rate limit shared by many processes and machines: GCRA in one Redis Lua script.
+"""A rate limit shared by many processes and machines: GCRA in Redis Lua scripts.
 
 Policy: generic cell rate algorithm per dimension (requests, tokens), the same burst rule as the
-local limiter (at most ``limit`` in any ``window``; at most ``burst`` at once). One script
-checks both dimensions and the 429 pause, and reserves both or neither, atomically. It reads
-``redis.call('TIME')``: every process is judged by the Redis server's clock, so a skewed local
-clock changes nothing. Settling with the real ``usage`` moves the token cell's arrival time back
-(refund) or forward (charge).
+local limiter (at most ``limit`` in any ``window``; at most ``burst`` at once); the scripts and
+their Python model (``GcraPolicy``, which tests hold them to) live in ``corral.middleware.gcra``.
+One script checks both dimensions and the 429 pause, and reserves both or neither, atomically,
+on the Redis server's clock, so a skewed local clock changes nothing. Settling with the real
+``usage`` moves the token cell's arrival time back (refund) or forward (charge).
 
 Shell: ``SharedRateLimit`` asks the script, sleeps for the wait it answers, asks again. When
 Redis is unreachable or frozen (no answer within ``timeout``, 0.5 s by default) it either fails
@@ -16,89 +16,44 @@ Ctrl-C) leaves at once. Waiters in different processes are not served FIFO (each
 its own wait).
 
 A 429 pauses every process, for the server's ``Retry-After`` but at most ``max_pause`` seconds
-(60 by default); the script also caps a pause already stored (say by an older version) at
-``max_pause``, so no key in Redis can stop the quota for longer.
+(60 by default; ``PausePolicy``); the script also caps a pause already stored (say by an older
+version) at ``max_pause``, so no key in Redis can stop the quota for longer.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import anyio
+import attrs
 import redis
 
 from corral.clock import current_time
 from corral.core import errors
-from corral.core.classify import parse_retry_after
-from corral.core.compose import Clock, Handler
+from corral.core.compose import Handler
+from corral.core.events import RateLimitPaused, RateLimitWaited
 from corral.core.models import Request, Response
+from corral.core.tokens import EstimatingCounter
 from corral.core.wire import response_usage
+from corral.middleware._checks import at_least, finite, never, optional
+from corral.middleware.gcra import PAUSE, RESERVE, SETTLE, Cell, GcraPolicy, decode
 from corral.middleware.ratelimit import (
+    Delay,
+    NoPause,
+    Pause,
+    PausePolicy,
+    Proceed,
     RateLimit,
     bucket_shape,
-    check_max_pause,
+    call_tokens,
     log_capped,
-    pause_after_429,
 )
 from corral.stores.redis import DEFAULT_TIMEOUT, redis_client, run_blocking
 
-__all__ = ["RateLimitUnavailable", "SharedRateLimit"]
+__all__ = ["RateLimitUnavailable", "SharedRateLimit", "SharedRateLimitConfig"]
 
 log = logging.getLogger("corral.ratelimit")
-
-# KEYS: requests cell, tokens cell, pause.  ARGV: req interval, req burst, tok interval,
-# tok burst, tokens, key ttl ms, max pause s.  An interval of 0 switches that dimension off.
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local pause = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
-local max_pause = tonumber(ARGV[7])
-if pause > now + max_pause then
-  pause = now + max_pause
-  redis.call('SET', KEYS[3], tostring(pause), 'PX', math.ceil(max_pause * 1000) + 1000)
-end
-if pause > now then return {0, tostring(pause - now)} end
-local function cell(key, interval, burst, cost)
-  if interval <= 0 then return nil, 0 end
-  local tat = tonumber(redis.call('GET', key) or '0')
-  if tat < now then tat = now end
-  local new_tat = tat + cost * interval
-  local wait = new_tat - burst * interval - now
-  if wait > 0 then return nil, wait end
-  return new_tat, 0
-end
-local r_tat, r_wait = cell(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), 1)
-local k_tat, k_wait = cell(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
-local wait = math.max(r_wait, k_wait)
-if wait > 0 then return {0, tostring(wait)} end
-if r_tat then redis.call('SET', KEYS[1], tostring(r_tat), 'PX', ARGV[6]) end
-if k_tat then redis.call('SET', KEYS[2], tostring(k_tat), 'PX', ARGV[6]) end
-return {1, '0'}
-"""
-
-# KEYS: tokens cell.  ARGV: tok interval, token delta (actual - reserved), key ttl ms.
-_SETTLE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-tat = tat + tonumber(ARGV[2]) * tonumber(ARGV[1])
-if tat < now then tat = now end
-redis.call('SET', KEYS[1], tostring(tat), 'PX', ARGV[3])
-return 1
-"""
-
-# KEYS: pause.  ARGV: seconds.
-_PAUSE = """
-local t = redis.call('TIME')
-local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
-local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
-if until_ > pause then
-  redis.call('SET', KEYS[1], tostring(until_), 'PX', math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
-end
-return 1
-"""
 
 
 class RateLimitUnavailable(errors.CorralError):
@@ -108,16 +63,86 @@ class RateLimitUnavailable(errors.CorralError):
     retryable = True
 
 
-def _cell(name: str, limit: int | None, window: float, burst: float | None) -> tuple[float, float]:
-    """(seconds per unit, burst units): the local limiter's bucket as a GCRA cell."""
+def _one_of(*allowed: str) -> Any:
+    def check(instance: object, attribute: Any, value: object) -> None:
+        if value not in allowed:
+            raise errors.InvalidInput(
+                f"{type(instance).__name__}.{attribute.name} must be one of "
+                f"{', '.join(map(repr, allowed))}, got {value!r}"
+            )
+
+    return check
+
+
+_LIMIT = optional(at_least(1))
+_BURST = optional(finite(open_below=True))
+
+
+@attrs.frozen
+class SharedRateLimitConfig:
+    """What ``SharedRateLimit`` enforces; validated when built (``InvalidInput`` names the
+    field)."""
+
+    #: Every process using the same Redis and ``name`` shares one quota.
+    name: str = "default"
+    rpm: int | None = attrs.field(default=None, validator=_LIMIT)
+    tpm: int | None = attrs.field(default=None, validator=_LIMIT)
+    window: float = attrs.field(default=60.0, validator=finite(open_below=True))
+    burst_requests: float | None = attrs.field(default=None, validator=_BURST)
+    burst_tokens: float | None = attrs.field(default=None, validator=_BURST)
+    on_unavailable: Literal["fail", "local"] = attrs.field(
+        default="local", validator=_one_of("fail", "local")
+    )
+    processes: int = attrs.field(default=1, validator=at_least(1))
+    recheck: float = attrs.field(default=5.0, validator=finite())
+    pause: PausePolicy = attrs.field(factory=PausePolicy)
+    timeout: float = attrs.field(default=DEFAULT_TIMEOUT, validator=finite(open_below=True))
+
+    def gcra(self) -> GcraPolicy:
+        """The two cells: the local limiter's buckets as GCRA cells."""
+        return GcraPolicy(
+            _cell("rpm", self.rpm, self.window, self.burst_requests),
+            _cell("tpm", self.tpm, self.window, self.burst_tokens),
+            self.pause.max_pause,
+        )
+
+    def local_share(self) -> RateLimit:
+        """The fallback: each of ``processes`` takes an equal share of the quota, per minute."""
+        per_minute = 60 / self.window
+        rpm, tpm, share = self.rpm, self.tpm, self.processes
+        return RateLimit(
+            rpm=None if rpm is None else max(1, int(rpm * per_minute) // share),
+            tpm=None if tpm is None else max(1, int(tpm * per_minute) // share),
+            max_pause=self.pause.max_pause,
+        )
+
+
+def _cell(name: str, limit: int | None, window: float, burst: float | None) -> Cell:
     if limit is None:
-        return 0.0, 0.0
+        return Cell()
     rate, cap = bucket_shape(name, limit, window, burst)
-    return 1.0 / rate, cap
+    return Cell(1.0 / rate, cap)
 
 
 class SharedRateLimit:
-    """Middleware: one RPM/TPM quota for every process using the same Redis and ``name``."""
+    """Middleware: one RPM/TPM quota for every process using the same Redis and ``name``.
+
+    Args:
+        url: the Redis server (``redis://host:port/db``).
+        name: the quota's name; processes with the same Redis and name share it.
+        rpm, tpm: requests and tokens per ``window`` seconds (60 by default).
+        burst_requests, burst_tokens: what a cold start may send at once.
+        on_unavailable: ``"local"`` falls back to a local limiter with the limits divided by
+            ``processes`` while Redis is unreachable; ``"fail"`` raises ``RateLimitUnavailable``.
+        recheck: seconds between probes of an unreachable Redis.
+        max_pause: the longest a 429's Retry-After may pause the quota, in seconds.
+        timeout: seconds a Redis command may take before Redis counts as unreachable.
+        client: a ``redis.Redis`` to use as it is (give it timeouts too: ``redis_client``);
+            it is not closed by ``aclose``.
+
+    ``config`` is the frozen configuration; ``waited`` the total seconds calls spent waiting
+    for quota, in Redis and in the fallback (for the batch summary).
+    """
 
     def __init__(
         self,
@@ -135,32 +160,43 @@ class SharedRateLimit:
         max_pause: float = 60.0,
         timeout: float = DEFAULT_TIMEOUT,
         client: redis.Redis | None = None,
-        clock: Clock = current_time,
     ) -> None:
-        """``client``, if given, is used as it is: give it timeouts too (``redis_client``)."""
-        self._client = client or redis_client(url, timeout)
-        self._max_pause = check_max_pause(max_pause)
-        self._keys = [f"corral:rl:{name}:{k}" for k in ("requests", "tokens", "pause")]
-        self._req = _cell("rpm", rpm, window, burst_requests)
-        self._tok = _cell("tpm", tpm, window, burst_tokens)
-        self._ttl_ms = str(int(window * 2000))
-        self._reserve = self._client.register_script(_RESERVE)
-        self._settle = self._client.register_script(_SETTLE)
-        self._pause = self._client.register_script(_PAUSE)
-        self._on_unavailable = on_unavailable
-        self._recheck = recheck
-        self._clock = clock
-        self._down_since: float | None = None
-        # The fallback: each of ``processes`` takes an equal share of the quota.
-        share = max(1, processes)
-        self._local = RateLimit(
-            rpm=None if rpm is None else max(1, int(rpm * 60 / window) // share),
-            tpm=None if tpm is None else max(1, int(tpm * 60 / window) // share),
-            max_pause=max_pause,
-            clock=clock,
+        self.config = config = SharedRateLimitConfig(
+            name=name,
+            rpm=rpm,
+            tpm=tpm,
+            window=window,
+            burst_requests=burst_requests,
+            burst_tokens=burst_tokens,
+            on_unavailable=on_unavailable,
+            processes=processes,
+            recheck=recheck,
+            pause=PausePolicy(max_pause=max_pause),
+            timeout=timeout,
         )
-        self._estimate = self._local.estimate
-        self.waited = 0.0
+        self._owns_client = client is None
+        self._client = client or redis_client(url, timeout)
+        self._keys = [f"corral:rl:{name}:{k}" for k in ("requests", "tokens", "pause")]
+        self._gcra = config.gcra()
+        #: Keys outlive their arrival time by a window (an expired key reads as "no debt").
+        self._margin_ms = int(window * 1000)
+        self._reserve = self._client.register_script(RESERVE)
+        self._settle = self._client.register_script(SETTLE)
+        self._pause = self._client.register_script(PAUSE)
+        self._down_since: float | None = None
+        self._local = config.local_share()
+        self._counter = EstimatingCounter()
+        self._waited = 0.0
+
+    @property
+    def waited(self) -> float:
+        """Total seconds calls spent waiting for quota (Redis and the local fallback)."""
+        return self._waited + self._local.waited
+
+    async def aclose(self) -> None:
+        """Close the Redis client this limiter made (not one it was given)."""
+        if self._owns_client:
+            await run_blocking(self._client.close)
 
     async def _call(self, script: Any, keys: list[str], args: list[object]) -> object:
         return await run_blocking(lambda: script(keys=keys, args=args))
@@ -169,8 +205,8 @@ class SharedRateLimit:
         """True when Redis is up, or for the one call that probes it after ``recheck``."""
         if self._down_since is None:
             return True
-        now = self._clock()
-        if now - self._down_since < self._recheck:
+        now = current_time()
+        if now - self._down_since < self.config.recheck:
             return False
         self._down_since = now  # this call probes; the others keep to the fallback
         return True
@@ -180,52 +216,76 @@ class SharedRateLimit:
             log.warning(
                 "shared rate limit: Redis unreachable (%s); %s",
                 type(exc).__name__,
-                "failing closed" if self._on_unavailable == "fail" else "using local share",
+                "failing closed" if self.config.on_unavailable == "fail" else "using local share",
             )
-        self._down_since = self._clock()
+        self._down_since = current_time()
 
-    async def _acquire(self, tokens: int) -> bool:
+    async def _acquire(self, request: Request, tokens: int) -> bool:
         """Reserve through Redis; False when Redis is down (the caller falls back)."""
-        args = [
-            *(self._req[0], self._req[1], self._tok[0], self._tok[1]),
-            *(tokens, self._ttl_ms, self._max_pause),
-        ]
-        if tokens > self._tok[1] > 0:
+        burst = self._gcra.tokens.burst
+        if tokens > burst > 0:
             raise errors.RequestTooLarge(
-                f"this call needs {tokens} tokens but the shared bucket holds {self._tok[1]:g}"
+                f"this call needs {tokens} tokens but the shared bucket holds {burst:g}"
             )
-        start = self._clock()
+        args = self._gcra.reserve_args(tokens, self._margin_ms)
+        start = current_time()
         while True:
             try:
-                result = await self._call(self._reserve, self._keys, args)
+                reply = await self._call(self._reserve, self._keys, args)
             except redis.RedisError as exc:
                 self._went_down(exc)
                 return False
             if self._down_since is not None:
                 log.warning("shared rate limit: Redis is back")
                 self._down_since = None
-            admitted, wait = cast(list[Any], result)
-            if int(admitted):
-                self.waited += self._clock() - start
-                return True
-            await anyio.sleep(float(wait))
+            now = current_time()
+            match decode(reply, now):
+                case Proceed():
+                    waited = now - start
+                    if waited > 0:
+                        self._waited += waited
+                        request.options.call.emit(
+                            RateLimitWaited, now, key=self.config.name, waited=waited, tokens=tokens
+                        )
+                    return True
+                case Delay(until=until):
+                    await anyio.sleep_until(until)
+                case other:
+                    never(other)
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        reserved = self._estimate(request)
-        if not self._redis_usable() or not await self._acquire(reserved):
-            if self._on_unavailable == "fail":
+        reserved = call_tokens(request, self._counter)
+        if not self._redis_usable() or not await self._acquire(request, reserved):
+            if self.config.on_unavailable == "fail":
                 raise RateLimitUnavailable("the shared rate limit's Redis is unreachable")
             return await self._local(request, call_next)
         response = await call_next(request)
         try:
-            if response.status == 429:
-                pause = pause_after_429(parse_retry_after(response.headers), self._max_pause)
-                log_capped(pause, "shared rate limit")
-                await self._call(self._pause, [self._keys[2]], [pause.seconds])
+            now = current_time()
+            match self.config.pause.decide(now, response.error()):
+                case NoPause():
+                    pass
+                case Pause() as pause:
+                    log_capped(pause, "shared rate limit")
+                    await self._call(
+                        self._pause, [self._keys[2]], self._gcra.pause_args(pause.seconds)
+                    )
+                    request.options.call.emit(
+                        RateLimitPaused,
+                        now,
+                        key=self.config.name,
+                        until=pause.until,
+                        requested=pause.requested,
+                        capped=pause.capped,
+                    )
+                case other:
+                    never(other)
             usage = response_usage(response) if response.status == 200 else None
-            if usage is not None and self._tok[0] > 0 and usage.total_tokens != reserved:
+            if usage is not None and self._gcra.tokens.interval > 0:
                 delta = usage.total_tokens - reserved
-                await self._call(self._settle, [self._keys[1]], [self._tok[0], delta, self._ttl_ms])
+                if delta:
+                    args = self._gcra.settle_args(delta, self._margin_ms)
+                    await self._call(self._settle, [self._keys[1]], args)
         except redis.RedisError as exc:
             self._went_down(exc)
         return response
