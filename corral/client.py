@@ -127,10 +127,10 @@ def default_middleware(
             clock=clock,
         )
     )
-    layers.append(CircuitBreaker(clock=clock))
+    layers.append(CircuitBreaker())
     if rpm is not None or tpm is not None:
-        layers.append(RateLimit(rpm=rpm, tpm=tpm, max_pause=max_pause, clock=clock))
-    layers.append(ConcurrencyLimit(concurrency, clock=clock))
+        layers.append(RateLimit(rpm=rpm, tpm=tpm, max_pause=max_pause))
+    layers.append(ConcurrencyLimit(concurrency))
     return layers
 
 
