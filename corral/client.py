@@ -13,29 +13,29 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import anyio
 import anyio.from_thread
 
-from corral.clock import current_time
 from corral.core import errors
 from corral.core.classify import classify, scrub
-from corral.core.compose import Clock, Handler, Middleware, build_stack
+from corral.core.compose import Handler, Middleware, build_stack
 from corral.core.events import EventSink
 from corral.core.headers import SENSITIVE_HEADERS
-from corral.core.models import Request, RequestOptions, Response, Timeouts
+from corral.core.models import ByteStream, Request, RequestOptions, Response, Timeouts
 from corral.core.wire import (
     ChatChunk,
     ChatCompletion,
-    ChatStreamDecoder,
     Embeddings,
+    StreamParse,
     api_request,
     decode_chat,
     decode_embeddings,
     decode_models,
     raise_for_status,
+    shared_parse,
 )
 from corral.mapping import MapResult, MapRun
 from corral.middleware.breaker import CircuitBreaker
@@ -43,7 +43,7 @@ from corral.middleware.concurrency import ConcurrencyLimit
 from corral.middleware.deadline import Deadline
 from corral.middleware.metrics import Aggregator, Metrics
 from corral.middleware.ratelimit import RateLimit
-from corral.middleware.retry import Retry, RetryBudget, RetryPolicy
+from corral.middleware.retry import Retry
 from corral.transports.base import Transport
 
 __all__ = ["Client", "MapResult", "SyncClient", "default_middleware", "resolve_api_key"]
@@ -106,27 +106,18 @@ def default_middleware(
     metrics: Metrics | None = None,
     seed: int | None = None,
     max_pause: float = 60.0,
-    clock: Clock = current_time,
 ) -> list[Middleware]:
     """The documented default stack; every policy is a keyword away.
 
     ``max_pause`` caps how long a 429's ``Retry-After`` may pause the rate limit (seconds).
     """
-    import random
-
-    layers: list[Middleware] = [metrics or Metrics(clock=clock)]
+    layers: list[Middleware] = [metrics or Metrics()]
     if cache is not None:
         layers.append(cache)
     if truncate is not None:
         layers.append(truncate)
-    layers.append(Deadline(timeout, clock=clock))
-    layers.append(
-        Retry(
-            RetryPolicy(max_attempts=max_attempts, rng=random.Random(seed)),
-            budget=RetryBudget(ratio=retry_budget),
-            clock=clock,
-        )
-    )
+    layers.append(Deadline(timeout))
+    layers.append(Retry(max_attempts=max_attempts, budget_ratio=retry_budget, seed=seed))
     layers.append(CircuitBreaker())
     if rpm is not None or tpm is not None:
         layers.append(RateLimit(rpm=rpm, tpm=tpm, max_pause=max_pause))
@@ -265,32 +256,45 @@ class Client:
         body["stream"] = True
         body.setdefault("stream_options", {"include_usage": True})
         request = self.build_request("/chat/completions", body)
+        call = request.options.call
+        mark = call.stream  # a layer that watches the stream installs the call's one parse
         response = await self.send(request)
         if response.stream is None:
             raise_for_status(response, secrets=self._secrets, url=request.url)
-            stream_bytes: AsyncIterator[bytes] = _once(response.body)
+            source: ByteStream = _once(response.body)
         else:
             if response.status >= 400:
                 raise_for_status(await response.aread(), secrets=self._secrets, url=request.url)
-            stream_bytes = aiter(response.stream)
-        decoder = ChatStreamDecoder(secrets=self._secrets)
+            source = response.stream
+        stream, parse = shared_parse(call, source, mark)
+        parse.keep_chunks()
+        stream_bytes = aiter(stream)
         try:
             while True:
                 try:
                     with anyio.fail_after(idle_timeout if idle_timeout is not None else math.inf):
-                        data = await anext(stream_bytes)
+                        await anext(stream_bytes)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
                     raise errors.ReadTimeout(
                         f"no stream data for {idle_timeout}s", request_sent=True
                     ) from None
-                for chunk in decoder.feed(data):
+                for chunk in self._parsed_chunks(parse):
                     yield chunk
-            for chunk in decoder.close():
+            parse.close()
+            for chunk in self._parsed_chunks(parse):
                 yield chunk
         finally:
-            await response.aclose()
+            await stream.aclose()
+
+    def _parsed_chunks(self, parse: StreamParse) -> list[ChatChunk]:
+        """The chunks the stream's parse decoded since last asked; its error once it has one."""
+        chunks = parse.take()
+        error = parse.error(self._secrets)
+        if error is not None:
+            raise error
+        return chunks
 
     async def embed(self, input: str | Sequence[str], *, model: str, **params: Any) -> Embeddings:
         body = {"model": model, "input": input, **params}
@@ -340,7 +344,7 @@ class Client:
         await self.aclose()
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
+async def _once(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 

@@ -51,3 +51,49 @@ outcomes: st.SearchStrategy[errors.CorralError | None] = st.one_of(
         ]
     ),
 )
+
+
+# -- retry, cache and truncation (issue 13: the call context's layers) ---------------------------
+
+#: A jitter draw: the fraction of the backoff ceiling a retry waits.
+jitters = st.floats(0, 1)
+
+#: Failed attempts as Retry sees them: classified responses (with the server's hints) and the
+#: exceptions an attempt raises.
+retry_hints = st.one_of(st.none(), st.floats(0, 200, allow_nan=False))
+should_retry = st.one_of(st.none(), st.booleans())
+
+
+def api_errors(
+    retry_after: st.SearchStrategy[float | None] = retry_hints,
+) -> st.SearchStrategy[errors.APIError]:
+    """A classified error response of any status, with or without the server's hints."""
+    statuses = st.sampled_from([400, 401, 403, 404, 408, 409, 418, 429, 500, 502, 503])
+
+    def build(status: int, seconds: float | None, verdict: bool | None) -> errors.APIError:
+        from corral.core.classify import classify
+        from corral.core.headers import Headers
+
+        headers = {} if seconds is None else {"retry-after": repr(seconds)}
+        if verdict is not None:
+            headers["x-should-retry"] = str(verdict).lower()
+        error = classify(status, Headers(headers), b'{"error": {"message": "x"}}')
+        assert error is not None
+        return error
+
+    return st.builds(build, statuses, retry_after, should_retry)
+
+
+#: Chat messages: roles and short texts in several scripts (token counts differ by script).
+message_words = st.lists(
+    st.sampled_from(["alpha", "beta", "gamma", "สวัสดี", "数据", "x" * 30]), max_size=60
+)
+chat_messages = st.lists(
+    st.builds(
+        lambda role, words: {"role": role, "content": " ".join(words)},
+        st.sampled_from(["user", "assistant", "system"]),
+        message_words,
+    ),
+    min_size=1,
+    max_size=12,
+)

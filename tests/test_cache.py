@@ -12,13 +12,15 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
 from corral.client import Client
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
-from corral.core.models import CachePolicy
-from corral.middleware.cache import Cache, CacheRules
+from corral.core.events import CacheMiss, Event
+from corral.core.models import CacheMode, RequestOptions
+from corral.middleware.cache import Bypass, Cache, CacheRules, Lookup, Refresh, Skip, Write
 from corral.middleware.metrics import Metrics
 from corral.stores import MemoryStore, SQLiteStore, Store
 from corral.stores.redis import RedisStore
@@ -118,8 +120,8 @@ async def test_hit_miss_key_canonical_and_isolated_by_credential(store: Store) -
     assert (await stack(reordered)).from_cache  # same JSON, different key order
     assert not (await stack(req(key="sk-another-real-key-123"))).from_cache
     assert transport.calls == 2
-    assert not (await stack(req(cache=CachePolicy.BYPASS))).from_cache
-    assert not (await stack(req(cache=CachePolicy.REFRESH))).from_cache
+    assert not (await stack(req(cache=CacheMode.BYPASS))).from_cache
+    assert not (await stack(req(cache=CacheMode.REFRESH))).from_cache
     assert transport.calls == 4
 
 
@@ -174,7 +176,7 @@ async def test_single_flight_one_upstream_call_and_shared_failure() -> None:
         for _ in range(5):
             tg.start_soon(failing)
     assert calls == 2 and len(failures) == 5
-    assert await cache.store.get(cache.rules.key(req(content="other")) or "") is None
+    assert await cache.store.get(cache.config.key(req(content="other")) or "") is None
 
 
 async def test_cached_stream_replays_as_a_stream(emulator: RunningEmulator, tmp_path: Path) -> None:
@@ -326,3 +328,127 @@ def test_any_body_gets_a_key_or_none_never_an_exception(body: bytes) -> None:
 def test_a_body_only_the_stdlib_reads_is_not_cached_rather_than_an_error() -> None:
     body = b'{"s": "\\ud800", "n": 12345678901234567890}'  # a lone surrogate
     assert CacheRules().key(Request("POST", "http://h/v1/x", Headers(), body)) is None
+
+
+# -- issue 13: typed decisions, events, the loop's clock -----------------------------------------
+
+LABELS = {"custom_id": "c1"}
+
+
+def labelled(content: str = "hi", **options: object) -> Request:
+    body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+    return api_request(
+        "http://h/v1",
+        "/chat/completions",
+        body,
+        api_key=CANARY_KEY,
+        options=RequestOptions(labels=LABELS, **options),  # type: ignore[arg-type]
+    )
+
+
+@given(
+    body=st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=4),
+    mode=st.sampled_from(list(CacheMode)),
+)
+def test_read_decisions_follow_the_call_s_mode(body: dict[str, object], mode: CacheMode) -> None:
+    request = api_request("http://h/v1", "/x", body, api_key="k").with_options(cache=mode)
+    decision = CacheRules().read(request)
+    key = CacheRules().key(api_request("http://h/v1", "/x", body, api_key="k"))
+    assert (
+        decision
+        == {
+            CacheMode.USE: Lookup(key or ""),
+            CacheMode.REFRESH: Refresh(key or ""),
+            CacheMode.BYPASS: Bypass("bypass"),
+        }[mode]
+    )
+    not_json = Request("POST", "http://h/v1/x", Headers(), b"{nope")
+    assert CacheRules().read(not_json) == Bypass("uncacheable")
+
+
+@given(status=st.sampled_from([200, 201, 400, 429, 500]), body=st.sampled_from([b"{}", b"{no"]))
+def test_store_decisions_keep_only_json_successes(status: int, body: bytes) -> None:
+    decision = CacheRules(ttl=7.0).store(Response(status, Headers(), body))
+    if status == 200 and body == b"{}":
+        assert isinstance(decision, Write) and decision.ttl == 7.0
+    else:
+        assert decision == Skip("status" if status != 200 else "not_json")
+
+
+@pytest.mark.parametrize(("field", "value"), [("ttl", -1.0), ("recheck", float("nan"))])
+def test_bad_configuration_is_refused_naming_the_field(field: str, value: float) -> None:
+    with pytest.raises(errors.InvalidInput, match=field):
+        Cache(MemoryStore(), **{field: value})  # type: ignore[arg-type]
+    assert Cache(MemoryStore(), ttl=None).config.ttl is None
+
+
+async def test_every_decision_reaches_the_sink_with_the_call_s_labels() -> None:
+    events: list[Event] = []
+    stack = build_stack([Cache(MemoryStore())], MemoryTransport(ok_json), events=events.append)
+    await stack(labelled())
+    await stack(labelled())
+    await stack(labelled(cache=CacheMode.BYPASS))
+    await stack(labelled(cache=CacheMode.REFRESH))
+    await stack(
+        Request("POST", "http://h/v1/x", Headers(), b"{nope", RequestOptions(labels=LABELS))
+    )
+    assert [(e.name, getattr(e, "reason", None)) for e in events] == [
+        ("cache.miss", "absent"),
+        ("cache.stored", None),
+        ("cache.hit", None),
+        ("cache.miss", "bypass"),
+        ("cache.miss", "refresh"),
+        ("cache.stored", None),
+        ("cache.miss", "uncacheable"),
+    ]
+    assert all(e.labels == LABELS for e in events)
+
+
+async def test_aclose_closes_the_store() -> None:
+    store = MemoryStore()
+    await store.set("k", b"v", None)
+    await Cache(store).aclose()
+    assert len(store) == 0
+
+
+class TestVirtualTime:
+    @pytest.fixture
+    def anyio_backend(self) -> tuple[str, dict[str, object]]:
+        return "trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}
+
+    async def test_memory_store_entries_expire_on_the_loop_s_clock(self) -> None:
+        store = MemoryStore()
+        await store.set("k", b"v", 10.0)
+        await anyio.sleep(9.9)
+        assert await store.get("k") == b"v"
+        await anyio.sleep(0.2)
+        assert await store.get("k") is None
+
+    async def test_a_failed_store_is_left_alone_for_recheck_seconds(self) -> None:
+        reads: list[float] = []
+
+        class Broken:
+            async def get(self, key: str) -> bytes | None:
+                reads.append(anyio.current_time())
+                raise ConnectionError("down")
+
+            async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+                raise ConnectionError("down")
+
+            async def delete(self, key: str) -> None: ...
+
+            async def aclose(self) -> None: ...
+
+        events: list[Event] = []
+        stack = build_stack(
+            [Cache(Broken(), recheck=30.0)], MemoryTransport(ok_json), events=events.append
+        )
+        t0 = anyio.current_time()
+        await stack(labelled())
+        await anyio.sleep(29)
+        await stack(labelled())  # still left alone: no read
+        await anyio.sleep(2)
+        await stack(labelled())  # probes once more
+        assert reads == [t0, t0 + 31]
+        misses = [e for e in events if isinstance(e, CacheMiss)]
+        assert [e.reason for e in misses] == ["store_error"] * 3

@@ -12,7 +12,7 @@ from corral.client import Client, default_middleware
 from corral.core import errors
 from corral.integrations.otel import Tracing
 from corral.integrations.prometheus import register
-from corral.middleware.metrics import Aggregator, Histogram, Metrics, Price
+from corral.middleware.metrics import Histogram, Metrics, Price
 from corral.testing.server import RunningEmulator
 from tests.conftest import CANARY_KEY
 
@@ -35,10 +35,11 @@ async def test_aggregator_snapshot_prometheus_and_spans(emulator: RunningEmulato
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    aggregator = Aggregator(prices={"gpt-4o-mini": Price(1.0, 2.0)})
+    metrics = Metrics(prices={"gpt-4o-mini": Price(1.0, 2.0)})
+    aggregator = metrics.aggregator
     stack = [
         Tracing(provider.get_tracer("test")),
-        *default_middleware(metrics=Metrics(aggregator), max_attempts=1),
+        *default_middleware(metrics=metrics, max_attempts=1),
     ]
     async with Client(emulator.base_url, CANARY_KEY, middleware=stack, model="gpt-4o-mini") as c:
         for _ in range(3):

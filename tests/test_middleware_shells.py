@@ -10,7 +10,6 @@ from corral.core import Headers, Request, Response, api_request, build_stack, er
 from corral.middleware import (
     CircuitBreaker,
     ConcurrencyLimit,
-    Deadline,
     RateLimit,
     Retry,
 )

@@ -14,7 +14,7 @@ from corral.core.errors import __all__ as _error_names
 from corral.core.headers import Headers
 from corral.core.models import (
     ByteStream,
-    CachePolicy,
+    CacheMode,
     Request,
     RequestOptions,
     Response,
@@ -38,7 +38,7 @@ from corral.core.wire import (
 
 __all__ = [
     "ByteStream",
-    "CachePolicy",
+    "CacheMode",
     "ChatChunk",
     "ChatCompletion",
     "ChatStreamDecoder",

@@ -22,7 +22,7 @@ from corral.core import jsonlib
 from corral.core.events import Event, EventSink
 
 if TYPE_CHECKING:
-    from corral.core.wire import Usage
+    from corral.core.wire import StreamParse, Usage
 
 __all__ = ["Call"]
 
@@ -40,26 +40,35 @@ class Call:
     tokens: int | None = None
     #: The usage the provider reported, once known (a stream reports it at its end).
     usage: Usage | None = None
+    #: The one parse of the answer's SSE stream, shared by every layer and the caller
+    #: (``corral.core.wire.shared_parse`` installs it).
+    stream: StreamParse | None = None
     _json: Any = _UNSET
+    _body: bytes | None = None
 
     def json(self, body: bytes) -> Any:
-        """The request body parsed (once); None when it is empty or not JSON."""
-        if self._json is _UNSET:
+        """``body`` parsed, once; None when it is empty or not JSON.
+
+        Parsed again only for another body object (a request sent twice, one of them rewritten).
+        """
+        if self._json is _UNSET or body is not self._body:
             try:
                 self._json = jsonlib.loads(body) if body else None
             except jsonlib.JSONDecodeError:
                 self._json = None
+            self._body, self.tokens = body, None
         return self._json
 
-    def replace_json(self, parsed: Any) -> None:
-        """A layer rewrote the body (truncation): later layers read the new one."""
-        self._json = parsed
+    def replace_json(self, parsed: Any, body: bytes) -> None:
+        """A layer rewrote the body to ``body`` (truncation): later layers read ``parsed``."""
+        self._json, self._body = parsed, body
         self.tokens = None
 
-    def emit(self, kind: type[E], now: float, **fields: Any) -> None:
-        """Hand the sink one ``kind`` event; nothing is built without a sink."""
+    def emit(self, event: type[E], now: float, /, **fields: Any) -> None:
+        """Hand the sink one ``event``; nothing is built without a sink. Positional-only, so an
+        event's own fields (``kind``, say) pass as keywords."""
         if self.sink is not None:
-            self.sink(kind(time=now, labels=self.labels, attempt=self.attempt, **fields))
+            self.sink(event(time=now, labels=self.labels, attempt=self.attempt, **fields))
 
     def __repr__(self) -> str:
         return f"Call(labels={dict(self.labels)!r}, attempt={self.attempt})"

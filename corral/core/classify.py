@@ -330,9 +330,12 @@ def classify(
         "request_id": _scrubbed(headers.get("x-request-id") or headers.get("request-id"), keys),
         "code": _scrubbed(code, keys),
         "error_type": _scrubbed(error_type, keys),
+        # The retry hints, read here once for every layer that decides on this error.
+        "retry_after": parse_retry_after(headers, now_wall),
+        "should_retry": parse_should_retry(headers),
     }
     if status == 429:
-        return RateLimited(text, retry_after=parse_retry_after(headers, now_wall), **common)
+        return RateLimited(text, **common)
     if status in (401, 403):
         return AuthenticationError(text, **common)
     if status == 404:

@@ -141,6 +141,8 @@ class APIError(CorralError):
         request_id: str | None = None,
         code: str | None = None,
         error_type: str | None = None,
+        retry_after: float | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -148,6 +150,10 @@ class APIError(CorralError):
         #: The provider's machine-readable code, e.g. ``context_length_exceeded``.
         self.code = code
         self.error_type = error_type
+        #: Seconds the server asked to wait (``Retry-After``/``retry-after-ms``), if it said.
+        self.retry_after = retry_after
+        #: The server's explicit ``x-should-retry`` verdict, if it gave one.
+        self.should_retry = should_retry
 
     def __str__(self) -> str:
         rid = f", request_id={self.request_id}" if self.request_id else ""
@@ -181,9 +187,17 @@ class ContextLengthExceeded(BadRequestError):
         error_type: str | None = None,
         max_context: int | None = None,
         requested: int | None = None,
+        retry_after: float | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(
-            message, status=status, request_id=request_id, code=code, error_type=error_type
+            message,
+            status=status,
+            request_id=request_id,
+            code=code,
+            error_type=error_type,
+            retry_after=retry_after,
+            should_retry=should_retry,
         )
         self.max_context = max_context
         self.requested = requested
@@ -214,11 +228,17 @@ class RateLimited(APIError):
         code: str | None = None,
         error_type: str | None = None,
         retry_after: float | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(
-            message, status=status, request_id=request_id, code=code, error_type=error_type
+            message,
+            status=status,
+            request_id=request_id,
+            code=code,
+            error_type=error_type,
+            retry_after=retry_after,
+            should_retry=should_retry,
         )
-        self.retry_after = retry_after
 
 
 class ServerError(APIError):

@@ -32,6 +32,8 @@ __all__ = [
     "RateLimitPaused",
     "RateLimitWaited",
     "RetryScheduled",
+    "SemanticCacheHit",
+    "SemanticCacheMiss",
     "TransportResent",
     "Truncated",
     "event_fields",
@@ -133,13 +135,30 @@ class CacheHit(Event):
 @attrs.frozen(kw_only=True)
 class CacheMiss(Event):
     name: ClassVar[str] = "cache.miss"
-    #: "absent", "store_error" (the store failed or froze: treated as a miss), "bypass".
+    #: "absent", "store_error" (the store failed or froze: treated as a miss), "refresh" (the
+    #: call skips the read), "bypass" (the call said so), "uncacheable" (its body is not JSON).
     reason: str = "absent"
 
 
 @attrs.frozen(kw_only=True)
 class CacheStored(Event):
     name: ClassVar[str] = "cache.stored"
+
+
+@attrs.frozen(kw_only=True)
+class SemanticCacheHit(Event):
+    """A near-duplicate question's answer served the call: cosine ``score``."""
+
+    name: ClassVar[str] = "semantic_cache.hit"
+    score: float
+
+
+@attrs.frozen(kw_only=True)
+class SemanticCacheMiss(Event):
+    """Nothing near enough: the best ``score`` found (0 for an empty scope)."""
+
+    name: ClassVar[str] = "semantic_cache.miss"
+    score: float
 
 
 @attrs.frozen(kw_only=True)

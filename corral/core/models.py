@@ -16,7 +16,7 @@ from corral.core.headers import Headers
 
 __all__ = [
     "ByteStream",
-    "CachePolicy",
+    "CacheMode",
     "Request",
     "RequestOptions",
     "Response",
@@ -38,7 +38,7 @@ class ByteStream(Protocol):
     async def aclose(self) -> None: ...
 
 
-class CachePolicy(enum.Enum):
+class CacheMode(enum.Enum):
     """What the cache middleware may do for one call."""
 
     USE = "use"  #: read a fresh entry if there is one, store a new success
@@ -67,7 +67,7 @@ class RequestOptions:
     estimated_tokens: int | None = None
     #: Absolute time on the stack's clock after which the call must give up.
     deadline: float | None = None
-    cache: CachePolicy = CachePolicy.USE
+    cache: CacheMode = CacheMode.USE
     timeouts: Timeouts | None = None
     #: Free-form labels (a batch's custom_id, say) for metrics and logs. Never secrets.
     labels: Mapping[str, str] = attrs.field(factory=dict)

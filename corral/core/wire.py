@@ -7,16 +7,22 @@ next to the typed fields so nothing the provider sent is lost.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import attrs
 
 from corral.core import jsonlib
+from corral.core.call import Call
 from corral.core.classify import classify, snippet
-from corral.core.errors import MalformedResponse, RemoteProtocolError, ResponseTooLarge
+from corral.core.errors import (
+    CorralError,
+    MalformedResponse,
+    RemoteProtocolError,
+    ResponseTooLarge,
+)
 from corral.core.headers import Headers
-from corral.core.models import Request, RequestOptions, Response
+from corral.core.models import ByteStream, Request, RequestOptions, Response
 from corral.core.sse import SSEParser
 
 __all__ = [
@@ -26,6 +32,8 @@ __all__ = [
     "Choice",
     "Embeddings",
     "Message",
+    "ParsedStream",
+    "StreamParse",
     "Usage",
     "UsageWatcher",
     "api_request",
@@ -35,6 +43,7 @@ __all__ = [
     "decode_models",
     "raise_for_status",
     "response_usage",
+    "shared_parse",
 ]
 
 
@@ -284,88 +293,233 @@ def parse_chunk(data: Mapping[str, Any]) -> ChatChunk:
     )
 
 
+class StreamParse:
+    """One chat stream's SSE, parsed once for every layer that watches it and for the caller.
+
+    Sans-IO: ``ParsedStream`` feeds it the bytes as they pass. Watchers subscribe before the
+    first byte flows (layers do so on the way out, the caller before it reads): ``on_usage``
+    (rate-limit settlement, metrics; ``call.usage`` is set too), ``keep_chunks`` (the caller's
+    decoder: events kept as decoded JSON until ``take``), ``check_events`` (the cache: is every
+    event a JSON object?). Without the last two only events that mention ``"usage"`` are
+    decoded. Each event is JSON-decoded at most once, however many watch.
+
+    Feeding never raises: a stream it cannot read still reaches whoever reads the bytes. What
+    was wrong is kept, and ``error(secrets)`` turns it into the typed error for the reader.
+    """
+
+    __slots__ = ("_bad", "_call", "_chunks", "_listeners", "_sse", "_strict", "done", "usage")
+
+    def __init__(self, call: Call | None = None) -> None:
+        self._sse: SSEParser | None = SSEParser()
+        self._call = call
+        self._listeners: list[Callable[[Usage], None]] = []
+        self._chunks: list[dict[str, Any]] | None = None
+        self._strict = False
+        #: What was wrong: the parser's refusal, or (what, provider text to quote).
+        self._bad: ResponseTooLarge | tuple[str, str] | None = None
+        #: ``data: [DONE]`` arrived: the stream is complete (if nothing was wrong).
+        self.done = False
+        self.usage: Usage | None = None
+
+    def on_usage(self, listener: Callable[[Usage], None]) -> None:
+        """Call ``listener`` once, when the stream states its usage."""
+        self._listeners.append(listener)
+
+    def keep_chunks(self) -> None:
+        """Keep every event for ``take`` (the caller reading chunks)."""
+        self._strict = True
+        if self._chunks is None:
+            self._chunks = []
+
+    def check_events(self) -> None:
+        """Decode every event, so ``complete`` also means each one was a JSON object."""
+        self._strict = True
+
+    @property
+    def complete(self) -> bool:
+        """The stream reached ``[DONE]`` and nothing in it was wrong."""
+        return self.done and self._bad is None
+
+    def feed(self, data: bytes) -> None:
+        sse = self._sse
+        if sse is None:
+            return
+        try:
+            events = sse.feed(data)
+        except ResponseTooLarge as exc:
+            self._sse, self._bad = None, exc
+            return
+        for event in events:
+            if not self._event(event.data):
+                self._sse = None  # [DONE], or a stream it cannot read: nothing more to parse
+                return
+
+    def close(self) -> None:
+        """The bytes ended (an event with no blank line after it is dropped, as SSE says)."""
+        sse, self._sse = self._sse, None
+        if sse is not None:
+            for event in sse.close():
+                if not self._event(event.data):
+                    return
+
+    def _event(self, data: str) -> bool:
+        """Take one event; False when parsing should stop."""
+        if data == "[DONE]":
+            self.done = True
+            return False
+        mentions_usage = '"usage"' in data
+        if not (self._strict or mentions_usage):
+            return True
+        try:
+            payload = jsonlib.loads(data)
+        except jsonlib.JSONDecodeError:
+            return self._refuse("stream event is not JSON", data)
+        if type(payload) is not dict:
+            return self._refuse("stream event is not a JSON object", "")
+        if "error" in payload:
+            message = payload["error"]
+            if isinstance(message, Mapping):
+                message = message.get("message")
+            return self._refuse("provider sent an error mid-stream", str(message))
+        if mentions_usage and self.usage is None:
+            usage = Usage.parse(payload.get("usage"))
+            if usage is not None:
+                self.usage = usage
+                if self._call is not None:
+                    self._call.usage = usage
+                for listener in self._listeners:
+                    listener(usage)
+        if self._chunks is not None:
+            self._chunks.append(payload)
+        return True
+
+    def _refuse(self, what: str, text: str) -> bool:
+        if not self._strict:
+            return True  # only the usage was wanted: an unreadable event is not ours to judge
+        self._bad = (what, text)
+        return False
+
+    def take(self) -> list[ChatChunk]:
+        """The chunks decoded since the last ``take`` (``keep_chunks`` must have been called)."""
+        pending = self._chunks
+        if not pending:
+            return []
+        self._chunks = []
+        return [parse_chunk(payload) for payload in pending]
+
+    def error(self, secrets: Iterable[str] = ()) -> CorralError | None:
+        """What was wrong with the stream, as the reader's typed error, or None.
+
+        ``secrets`` are scrubbed from any provider text it quotes. Once the bytes have ended, a
+        stream without ``[DONE]`` is an error too: a truncated stream must not pass for a
+        complete answer.
+        """
+        bad = self._bad
+        if isinstance(bad, ResponseTooLarge):
+            return bad
+        if bad is not None:
+            what, text = bad
+            limit = 200 if what.startswith("provider") else 80
+            quoted = f": {snippet(text.encode(), secrets, limit)}" if text else ""
+            return MalformedResponse(what + quoted)
+        if self._sse is None and not self.done:
+            return RemoteProtocolError(
+                "chat stream ended before 'data: [DONE]' (truncated)", request_sent=True
+            )
+        return None
+
+
+class ParsedStream:
+    """Passes a byte stream through, feeding each piece to the call's one ``StreamParse``."""
+
+    __slots__ = ("_inner", "parse")
+
+    def __init__(self, inner: ByteStream, parse: StreamParse) -> None:
+        self._inner, self.parse = inner, parse
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        feed = self.parse.feed
+        async for chunk in self._inner:
+            feed(chunk)
+            yield chunk
+        self.parse.close()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def shared_parse(
+    call: Call, stream: ByteStream, mark: StreamParse | None
+) -> tuple[ByteStream, StreamParse]:
+    """The call's one parse of an answer's ``stream``, and the stream to pass on.
+
+    ``mark`` is ``call.stream`` as it was before the call went further in. If a layer inside
+    installed a parse since, this is it and ``stream`` already feeds it; otherwise a new parse
+    is installed on the call and the returned stream feeds it. The first watcher on the way
+    out (the innermost) installs it, so it sits inside every other layer's wrapper: whoever
+    sees a piece of the stream sees it parsed.
+    """
+    parse = call.stream
+    if parse is not None and parse is not mark:
+        return stream, parse
+    parse = call.stream = StreamParse(call)
+    return ParsedStream(stream, parse), parse
+
+
 class UsageWatcher:
     """Finds the ``usage`` a chat stream reports (with stream_options.include_usage); sans-IO.
 
-    Cheaper than decoding the stream: only events that mention ``"usage"`` are parsed. Layers
-    that pass a stream through (rate limit, metrics) use it to learn what the call cost. A
-    stream the parser refuses (a line over its cap) is not the watcher's to fail: it stops
-    watching and lets the bytes pass to whoever reads them.
+    A ``StreamParse`` on its own, for a reader of bytes that has no call to share one with.
     """
 
     def __init__(self) -> None:
-        self._sse: SSEParser | None = SSEParser()
-        self.usage: Usage | None = None
+        self._parse = StreamParse()
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._parse.usage
 
     def feed(self, data: bytes) -> Usage | None:
         """The usage, the first time a fed piece completes the event that carries it."""
-        if self.usage is not None or self._sse is None:
+        if self._parse.usage is not None:
             return None
-        try:
-            events = self._sse.feed(data)
-        except ResponseTooLarge:
-            self._sse = None
-            return None
-        for event in events:
-            if '"usage"' not in event.data:
-                continue
-            try:
-                payload = jsonlib.loads(event.data)
-            except jsonlib.JSONDecodeError:
-                continue
-            usage = Usage.parse(payload.get("usage")) if isinstance(payload, Mapping) else None
-            if usage is not None:
-                self.usage = usage
-                return usage
-        return None
+        self._parse.feed(data)
+        return self._parse.usage
 
 
 class ChatStreamDecoder:
     """Bytes of a chat-completions SSE stream in, ``ChatChunk``s out; sans-IO.
 
-    ``close()`` raises ``RemoteProtocolError`` if the stream ended before ``data: [DONE]``: a
-    truncated stream must not pass for a complete answer. ``secrets`` are scrubbed from any
-    event text an error quotes.
+    A ``StreamParse`` read by one reader. ``close()`` raises ``RemoteProtocolError`` if the
+    stream ended before ``data: [DONE]``. ``secrets`` are scrubbed from any event text an error
+    quotes.
     """
 
     def __init__(self, *, secrets: Iterable[str] = ()) -> None:
-        self._sse = SSEParser()
+        self._parse = StreamParse()
+        self._parse.keep_chunks()
         self._secrets = tuple(secrets)
-        self.done = False
+
+    @property
+    def done(self) -> bool:
+        return self._parse.done
 
     def feed(self, data: bytes) -> list[ChatChunk]:
-        return self._decode(self._sse.feed(data))
+        self._parse.feed(data)
+        return self._read()
 
     def close(self) -> list[ChatChunk]:
-        chunks = self._decode(self._sse.close())
-        if not self.done:
-            raise RemoteProtocolError(
-                "chat stream ended before 'data: [DONE]' (truncated)", request_sent=True
-            )
-        return chunks
+        self._parse.close()
+        return self._read()
 
-    def _decode(self, events: Sequence[Any]) -> list[ChatChunk]:
-        chunks = []
-        for event in events:
-            if self.done:
-                break
-            if event.data == "[DONE]":
-                self.done = True
-                break
-            try:
-                data = jsonlib.loads(event.data)
-            except jsonlib.JSONDecodeError:
-                preview = snippet(event.data.encode(), self._secrets, 80)
-                raise MalformedResponse(f"stream event is not JSON: {preview}") from None
-            if not isinstance(data, Mapping):
-                raise MalformedResponse("stream event is not a JSON object")
-            if "error" in data:
-                message = data["error"]
-                if isinstance(message, Mapping):
-                    message = message.get("message")
-                text = snippet(str(message).encode(), self._secrets, 200)
-                raise MalformedResponse(f"provider sent an error mid-stream: {text}")
-            chunks.append(parse_chunk(data))
+    def _read(self) -> list[ChatChunk]:
+        chunks = self._parse.take()
+        error = self._parse.error(self._secrets)
+        if error is not None:
+            raise error
         return chunks
 
 

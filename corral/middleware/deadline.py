@@ -3,7 +3,8 @@
 Inner layers read ``request.options.deadline`` (Retry will not start a sleep that would end
 after it); this shell cancels whatever is still running when it passes. A streamed body is
 still arriving when the call returns its response, so the shell wraps it in a
-``DeadlineStream``: the deadline bounds the whole call, body included.
+``DeadlineStream``: the deadline bounds the whole call, body included. Times are on the event
+loop's clock (``corral.clock.current_time``).
 """
 
 from __future__ import annotations
@@ -11,12 +12,21 @@ from __future__ import annotations
 import anyio
 import attrs
 
-from corral.core.compose import Clock, Handler
+from corral.clock import current_time
+from corral.core.compose import Handler
 from corral.core.errors import DeadlineExceeded
 from corral.core.models import Request, Response
+from corral.middleware._checks import finite, optional
 from corral.streams import DeadlineStream
 
-__all__ = ["Deadline", "effective_deadline"]
+__all__ = ["Deadline", "DeadlineConfig", "effective_deadline"]
+
+
+@attrs.frozen
+class DeadlineConfig:
+    """Seconds a call may take in all (None: only the call's own deadline, if it has one)."""
+
+    timeout: float | None = attrs.field(default=None, validator=optional(finite(open_below=True)))
 
 
 def effective_deadline(now: float, timeout: float | None, existing: float | None) -> float | None:
@@ -28,15 +38,17 @@ def effective_deadline(now: float, timeout: float | None, existing: float | None
 
 
 class Deadline:
-    """Middleware: give each call at most ``timeout`` seconds in total (all retries included)."""
+    """Middleware: give each call at most ``timeout`` seconds in total (all retries included).
 
-    def __init__(self, timeout: float | None = None, *, clock: Clock = anyio.current_time) -> None:
-        self.timeout = timeout
-        self._clock = clock
+    ``timeout``: seconds, > 0; None leaves only the deadline a call brings (``.config``).
+    """
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.config = DeadlineConfig(timeout)
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        now = self._clock()
-        deadline = effective_deadline(now, self.timeout, request.options.deadline)
+        now = current_time()
+        deadline = effective_deadline(now, self.config.timeout, request.options.deadline)
         if deadline is None:
             return await call_next(request)
         if deadline <= now:
@@ -51,4 +63,6 @@ class Deadline:
             ) from None
         if response.stream is None:
             return response
-        return attrs.evolve(response, stream=DeadlineStream(response.stream, deadline, self._clock))
+        return attrs.evolve(
+            response, stream=DeadlineStream(response.stream, deadline, current_time)
+        )

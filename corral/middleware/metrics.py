@@ -2,7 +2,8 @@
 
 Policy: ``Histogram`` (log-spaced buckets, ~2% relative error, fixed memory) and ``Aggregator``
 (counts by outcome, latency and time-to-first-byte histograms, tokens, cost from a price table).
-Shell: ``Metrics`` times each call through the rest of the stack and feeds the aggregator.
+Shell: ``Metrics`` times each call through the rest of the stack and feeds the aggregator; a
+stream's tokens are added when the call's one parse of it (``call.stream``) finds its usage.
 
 Only model names, status codes and error kinds are recorded: never headers, bodies or keys.
 """
@@ -14,18 +15,18 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 from math import log as _log
+from types import MappingProxyType
 from typing import Any
 
 import attrs
 
 from corral.clock import current_time
-from corral.core.compose import Clock, Handler
+from corral.core.compose import Handler
 from corral.core.errors import CorralError
 from corral.core.models import Request, Response
-from corral.core.wire import Usage, response_usage
-from corral.streams import UsageStream
+from corral.core.wire import Usage, response_usage, shared_parse
 
-__all__ = ["DEFAULT_PRICES", "Aggregator", "Histogram", "Metrics", "Price"]
+__all__ = ["DEFAULT_PRICES", "Aggregator", "Histogram", "Metrics", "MetricsConfig", "Price"]
 
 
 @attrs.frozen
@@ -210,35 +211,59 @@ def _quantiles(h: Histogram) -> dict[str, float]:
     return {"p50": h.quantile(0.5), "p95": h.quantile(0.95), "max": h.max, "mean": mean}
 
 
-class Metrics:
-    """Middleware: time every call through the layers inside it and aggregate the outcome."""
+def _frozen_prices(prices: Mapping[str, Price]) -> Mapping[str, Price]:
+    return MappingProxyType(dict(prices))
 
-    def __init__(
-        self, aggregator: Aggregator | None = None, *, clock: Clock = current_time
-    ) -> None:
-        self.aggregator = aggregator or Aggregator()
-        self._clock = clock
+
+@attrs.frozen
+class MetricsConfig:
+    """What ``Metrics`` prices calls with."""
+
+    #: USD per million tokens by model name; a model not named costs nothing.
+    prices: Mapping[str, Price] = attrs.field(default=DEFAULT_PRICES, converter=_frozen_prices)
+
+
+class Metrics:
+    """Middleware: time every call through the layers inside it and aggregate the outcome.
+
+    ``prices``: the ``MetricsConfig`` (``.config``); the numbers are in ``.aggregator``. A
+    stream's usage comes from the call's one parse of it (``call.stream``), when it arrives.
+    """
+
+    def __init__(self, *, prices: Mapping[str, Price] = DEFAULT_PRICES) -> None:
+        self.config = MetricsConfig(prices)
+        self.aggregator = Aggregator(self.config.prices)
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        start = self._clock()
-        model = request.options.model
+        start = current_time()
+        options = request.options
+        model = options.model
+        call = options.call
+        mark = call.stream
         try:
             response = await call_next(request)
         except CorralError as exc:
-            self.aggregator.record(start, self._clock(), exc.kind, model)
+            self.aggregator.record(start, current_time(), exc.kind, model)
             raise
         timing = response.timing
         status = response.status
-        if response.stream is not None and status == 200:
-            add = functools.partial(self.aggregator.add_usage, model)
-            response = attrs.evolve(response, stream=UsageStream(response.stream, add))
+        usage = None
+        if response.stream is None:
+            usage = response_usage(response)
+            if usage is not None:
+                call.usage = usage
+        elif status == 200 and not response.from_cache:
+            stream, parse = shared_parse(call, response.stream, mark)
+            parse.on_usage(functools.partial(self.aggregator.add_usage, model))
+            if stream is not response.stream:
+                response = attrs.evolve(response, stream=stream)
         self.aggregator.record(
             start,
-            self._clock(),
+            current_time(),
             "ok" if status < 400 else f"http_{status}",
             model,
             None if timing is None else timing.first_byte,
-            response_usage(response),
+            usage,
             response.from_cache,
             None if timing is None else timing.started,
         )

@@ -6,9 +6,11 @@ default) or more. Scoping means a different model or instructions never share an
 
 Shell: ``SemanticCache`` embeds the last user message with the provider's ``/v1/embeddings``
 (through the rest of the stack, so it is rate-limited and retried like any call), looks it
-up, and on a miss sends the call and remembers a successful answer. Streams, calls with tools,
-and non-chat calls pass through untouched. Use it where a near-duplicate question may get the
-same answer (FAQ bots); never where the exact wording matters.
+up (reading the call's parsed body, ``call.json``), and on a miss sends the call and remembers a
+successful answer, reporting ``SemanticCacheHit``/``SemanticCacheMiss`` with the best score.
+Streams, calls with tools, and non-chat calls pass through untouched. Use it where a
+near-duplicate question may get the same answer (FAQ bots); never where the exact wording
+matters.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from typing import Any
 
 import attrs
 
+from corral.clock import current_time
 from corral.core import jsonlib
 from corral.core.compose import Handler
 from corral.core.errors import CorralError
+from corral.core.events import SemanticCacheHit, SemanticCacheMiss
 from corral.core.models import Request, Response
 from corral.core.wire import decode_embeddings
+from corral.middleware._checks import at_least, between
 
-__all__ = ["SemanticCache", "SemanticIndex", "cosine"]
+__all__ = ["SemanticCache", "SemanticCacheConfig", "SemanticIndex", "cosine"]
 
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -74,8 +79,29 @@ def _scope_and_question(body: Mapping[str, Any]) -> tuple[str, str] | None:
     return scope, question
 
 
+@attrs.frozen
+class SemanticCacheConfig:
+    """How near is near enough, and how much is remembered."""
+
+    #: The model that embeds each question (through the rest of the stack).
+    embedding_model: str = "text-embedding-3-small"
+    #: The cosine similarity a hit needs, in (0, 1].
+    threshold: float = attrs.field(
+        default=0.95, validator=between(0.0, 1.0, open_low=True, open_high=False)
+    )
+    #: Answers kept per scope (model + system prompt), oldest evicted first.
+    max_entries: int = attrs.field(default=1000, validator=at_least(1))
+    #: Scopes kept, least recently used evicted first.
+    max_scopes: int = attrs.field(default=100, validator=at_least(1))
+
+
 class SemanticCache:
-    """Middleware: serve near-duplicate chat questions from earlier answers."""
+    """Middleware: serve near-duplicate chat questions from earlier answers.
+
+    Args:
+        embedding_model, threshold, max_entries, max_scopes: the ``SemanticCacheConfig``
+            fields (``.config``).
+    """
 
     def __init__(
         self,
@@ -85,20 +111,15 @@ class SemanticCache:
         max_entries: int = 1000,
         max_scopes: int = 100,
     ) -> None:
-        if not 0 < threshold <= 1:
-            raise ValueError("threshold must be in (0, 1]")
-        self.embedding_model = embedding_model
-        self.threshold = threshold
-        self._max_entries = max_entries
-        self._max_scopes = max_scopes
+        self.config = SemanticCacheConfig(embedding_model, threshold, max_entries, max_scopes)
         self._indexes: OrderedDict[str, SemanticIndex] = OrderedDict()
         self.hits = self.misses = 0
 
     def _index(self, scope: str) -> SemanticIndex:
         index = self._indexes.get(scope)
         if index is None:
-            index = self._indexes[scope] = SemanticIndex(self._max_entries)
-            while len(self._indexes) > self._max_scopes:
+            index = self._indexes[scope] = SemanticIndex(self.config.max_entries)
+            while len(self._indexes) > self.config.max_scopes:
                 self._indexes.popitem(last=False)
         self._indexes.move_to_end(scope)
         return index
@@ -111,8 +132,8 @@ class SemanticCache:
             "POST",
             url,
             request.headers,
-            jsonlib.dumps({"model": self.embedding_model, "input": text}),
-        ).with_options(model=self.embedding_model)
+            jsonlib.dumps({"model": self.config.embedding_model, "input": text}),
+        ).with_options(model=self.config.embedding_model)
         try:
             return decode_embeddings(await call_next(embed_request)).vectors[0]
         except (CorralError, IndexError):
@@ -121,11 +142,9 @@ class SemanticCache:
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         if not request.url.endswith("/chat/completions") or not request.body:
             return await call_next(request)
-        try:
-            body = jsonlib.loads(request.body)
-        except jsonlib.JSONDecodeError:
-            return await call_next(request)
-        found = _scope_and_question(body) if isinstance(body, dict) else None
+        call = request.options.call
+        body = call.json(request.body)
+        found = _scope_and_question(body) if type(body) is dict else None
         if found is None:
             return await call_next(request)
         scope, question = found
@@ -134,10 +153,12 @@ class SemanticCache:
             return await call_next(request)
         index = self._index(scope)
         score, answer = index.nearest(vector)
-        if answer is not None and score >= self.threshold:
+        if answer is not None and score >= self.config.threshold:
             self.hits += 1
+            call.emit(SemanticCacheHit, current_time(), score=score)
             return attrs.evolve(answer, from_cache=True)
         self.misses += 1
+        call.emit(SemanticCacheMiss, current_time(), score=max(score, 0.0))
         response = await call_next(request)
         if response.status == 200 and response.stream is None:
             index.add(vector, response)

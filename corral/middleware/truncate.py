@@ -2,25 +2,30 @@
 
 Policy (pure): ``fit_messages`` keeps every system/developer message and the last user turn,
 drops the oldest other turns first (an assistant tool call goes together with its tool
-results), then trims inside the longest remaining message. When even that cannot fit it
-raises ``ContextLengthExceeded`` with the numbers.
+results), then trims inside the longest remaining message. It decides ``Fits`` (nothing to do),
+``Fitted`` (the shorter messages) or ``TooLong`` (even that cannot fit: the shell raises
+``ContextLengthExceeded`` with the numbers).
 
 Shell: ``Truncate`` rewrites the body when the request is too long for the model's window
-(from an overridable table). If the server still answers 400 context_length_exceeded, the
-request is fitted once more to the server's own numbers and resent, once.
+(from an overridable table), in the call's parsed body too (``call.replace_json``), and reports
+it (``Truncated``). If the server still answers 400 context_length_exceeded, the request is
+fitted once more to the server's own numbers and resent, once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import attrs
 
+from corral.clock import current_time
 from corral.core import jsonlib
-from corral.core.classify import classify
+from corral.core.call import Call
 from corral.core.compose import Handler
 from corral.core.errors import ContextLengthExceeded
+from corral.core.events import Truncated
 from corral.core.models import Request, Response
 from corral.core.tokens import (
     CONTEXT_WINDOWS,
@@ -30,18 +35,43 @@ from corral.core.tokens import (
     max_output_tokens,
     message_tokens,
 )
+from corral.middleware._checks import at_least, never, optional
 
-__all__ = ["Fit", "Truncate", "fit_messages"]
+__all__ = ["Fit", "Fits", "Fitted", "TooLong", "Truncate", "TruncateConfig", "fit_messages"]
 
 _PROTECTED_ROLES = ("system", "developer")
 
 
 @attrs.frozen
-class Fit:
-    messages: list[dict[str, Any]]
+class Fits:
+    """The messages already fit: ``tokens`` of them, nothing to change."""
+
     tokens: int
-    dropped: int = 0
-    trimmed: bool = False
+
+
+@attrs.frozen
+class Fitted:
+    """The messages, shortened from ``tokens_before`` to ``tokens`` by dropping ``dropped`` old
+    turns and, if ``trimmed``, cutting the longest message."""
+
+    messages: list[dict[str, Any]]
+    tokens_before: int
+    tokens: int
+    dropped: int
+    trimmed: bool
+
+
+@attrs.frozen
+class TooLong:
+    """Even dropping every turn that may go and emptying the longest message leaves ``needed``
+    tokens where ``budget`` fit: the call cannot be sent as it is."""
+
+    needed: int
+    budget: int
+    reason: str
+
+
+Fit = Fits | Fitted | TooLong
 
 
 def _text_of(message: Mapping[str, Any]) -> str | None:
@@ -52,9 +82,9 @@ def _text_of(message: Mapping[str, Any]) -> str | None:
 def fit_messages(messages: Sequence[Mapping[str, Any]], budget: int, counter: TokenCounter) -> Fit:
     """The messages, shortened as little as possible to count at most ``budget`` tokens."""
     msgs = [dict(m) for m in messages]
-    total = count_messages(msgs, counter)
+    total = before = count_messages(msgs, counter)
     if total <= budget:
-        return Fit(msgs, total)
+        return Fits(total)
     last_user = max(
         (i for i, m in enumerate(msgs) if m.get("role") == "user"), default=len(msgs) - 1
     )
@@ -80,24 +110,19 @@ def fit_messages(messages: Sequence[Mapping[str, Any]], budget: int, counter: To
     remaining = [m for k, m in enumerate(msgs) if k not in gone]
     dropped = len(gone)
     if total <= budget:
-        return Fit(remaining, total, dropped)
+        return Fitted(remaining, before, total, dropped, trimmed=False)
     texts = [
         (counter.count(t), n) for n, m in enumerate(remaining) if (t := _text_of(m)) is not None
     ]
     if not texts:
-        raise ContextLengthExceeded(
-            f"messages need {total} tokens but only {budget} fit, and none can be trimmed",
-            max_context=budget,
-            requested=total,
-        )
+        return TooLong(total, budget, "none can be trimmed")
     longest_tokens, index = max(texts)
     excess = total - budget
     if excess >= longest_tokens:
-        raise ContextLengthExceeded(
-            f"messages need {total} tokens but only {budget} fit, even after dropping "
-            f"{dropped} old turn(s) and emptying the longest message",
-            max_context=budget,
-            requested=total,
+        return TooLong(
+            total,
+            budget,
+            f"even after dropping {dropped} old turn(s) and emptying the longest message",
         )
     text = _text_of(remaining[index]) or ""
     remaining[index] = {
@@ -105,68 +130,122 @@ def fit_messages(messages: Sequence[Mapping[str, Any]], budget: int, counter: To
         "content": counter.truncate(text, longest_tokens - excess),
     }
     total = count_messages(remaining, counter)
-    return Fit(remaining, total, dropped, trimmed=True)
+    return Fitted(remaining, before, total, dropped, trimmed=True)
+
+
+def _windows(value: Mapping[str, int] | None) -> Mapping[str, int]:
+    return MappingProxyType(dict(CONTEXT_WINDOWS if value is None else value))
+
+
+def _window_sizes(instance: TruncateConfig, attribute: Any, value: Mapping[str, int]) -> None:
+    check = at_least(1)
+    for size in value.values():
+        check(instance, attribute, size)
+
+
+@attrs.frozen
+class TruncateConfig:
+    """Which windows to fit into; validated when built (``InvalidInput`` names the field)."""
+
+    #: Context window (tokens) by model name; None: corral's table (``CONTEXT_WINDOWS``).
+    windows: Mapping[str, int] = attrs.field(
+        default=None, converter=_windows, validator=_window_sizes
+    )
+    #: The window of a model the table does not name (None: such calls pass untouched).
+    default_window: int | None = attrs.field(default=None, validator=optional(at_least(1)))
+    #: Tokens kept free besides the reserved output, for the counters' disagreement.
+    margin: int = attrs.field(default=16, validator=at_least(0))
+    #: The token counter for a model name.
+    counter_for: Callable[[str | None], TokenCounter] = counter_for_model
+
+    def window(self, model: object) -> int | None:
+        return self.windows.get(str(model), self.default_window)
 
 
 class Truncate:
-    """Middleware: make chat requests fit their model's context window."""
+    """Middleware: make chat requests fit their model's context window.
+
+    Args:
+        windows, default_window, margin, counter_for: the ``TruncateConfig`` fields
+            (``.config``).
+    """
 
     def __init__(
         self,
-        windows: Mapping[str, int] | None = None,
         *,
+        windows: Mapping[str, int] | None = None,
         default_window: int | None = None,
-        counter_for: Callable[[str | None], TokenCounter] = counter_for_model,
         margin: int = 16,
+        counter_for: Callable[[str | None], TokenCounter] = counter_for_model,
     ) -> None:
-        self.windows = dict(CONTEXT_WINDOWS if windows is None else windows)
-        self.default_window = default_window
-        self._counter_for = counter_for
-        self.margin = margin
+        self.config = TruncateConfig(windows, default_window, margin, counter_for)
+        #: Requests rewritten (for metrics).
         self.truncated = 0
 
     def _fit(
         self, request: Request, body: dict[str, Any], window: int, scale: float = 1.0
-    ) -> Request | None:
-        counter = self._counter_for(body.get("model"))
-        budget = int((window - max_output_tokens(body) - self.margin) * scale)
+    ) -> Request:
+        """``request`` fitted into ``window`` (itself when it fits); ``ContextLengthExceeded``
+        when it cannot be."""
+        counter = self.config.counter_for(body.get("model"))
+        budget = int((window - max_output_tokens(body) - self.config.margin) * scale)
         fit = fit_messages(body["messages"], budget, counter)
-        if not fit.dropped and not fit.trimmed:
-            return None
-        self.truncated += 1
-        return request.evolve(body=jsonlib.dumps({**body, "messages": fit.messages}))
+        match fit:
+            case Fits():
+                return request
+            case Fitted(messages=messages):
+                call = request.options.call
+                self.truncated += 1
+                fitted = {**body, "messages": messages}
+                encoded = jsonlib.dumps(fitted)
+                call.replace_json(fitted, encoded)
+                call.emit(
+                    Truncated,
+                    current_time(),
+                    tokens_before=fit.tokens_before,
+                    tokens_after=fit.tokens,
+                    dropped_messages=fit.dropped,
+                )
+                return request.evolve(body=encoded)
+            case TooLong(needed=needed, budget=budget, reason=reason):
+                raise ContextLengthExceeded(
+                    f"messages need {needed} tokens but only {budget} fit, {reason}",
+                    max_context=budget,
+                    requested=needed,
+                )
+            case _:
+                never(fit)
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        body = self._body(request)
+        call = request.options.call
+        body = _chat_body(request, call)
         if body is None:
             return await call_next(request)
-        window = self.windows.get(str(body.get("model")), self.default_window)
+        window = self.config.window(body.get("model"))
         if window is not None:
-            request = self._fit(request, body, window) or request
+            request = self._fit(request, body, window)
         response = await call_next(request)
         if response.status != 400:
             return response
         if response.stream is not None:
             response = await response.aread()
-        error = classify(response.status, response.headers, response.body)
+        error = response.error()
         if not isinstance(error, ContextLengthExceeded) or error.max_context is None:
             return response
-        body = self._body(request) or body
-        counter = self._counter_for(body.get("model"))
+        body = _chat_body(request, call) or body
+        counter = self.config.counter_for(body.get("model"))
         ours = count_messages(body["messages"], counter) + max_output_tokens(body)
         # The server counts differently from us: shrink our budget by its ratio to ours.
         scale = min(1.0, ours / error.requested) if error.requested else 1.0
         smaller = self._fit(request, body, error.max_context, scale * 0.98)
-        return response if smaller is None else await call_next(smaller)
+        return response if smaller is request else await call_next(smaller)
 
-    @staticmethod
-    def _body(request: Request) -> dict[str, Any] | None:
-        if not request.body or not request.url.endswith("/chat/completions"):
-            return None
-        try:
-            body = jsonlib.loads(request.body)
-        except jsonlib.JSONDecodeError:
-            return None
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return None
-        return body
+
+def _chat_body(request: Request, call: Call) -> dict[str, Any] | None:
+    """The call's parsed chat body (``call.json``), or None when this is not a chat call."""
+    if not request.body or not request.url.endswith("/chat/completions"):
+        return None
+    body = call.json(request.body)
+    if type(body) is not dict or not isinstance(body.get("messages"), list):
+        return None
+    return body

@@ -1,16 +1,17 @@
 """``MemoryStore``: an LRU bounded by entry count and by total bytes, with TTLs.
 
 Its calls never wait, so every few of them take a checkpoint (``Pacer``): a loop of reads
-still honours cancellation.
+still honours cancellation. Expiry is on the event loop's clock (``corral.clock``), so trio's
+``MockClock`` drives it in tests.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 
+from corral.clock import current_time
+from corral.core.errors import InvalidInput
 from corral.pacing import Pacer
 
 __all__ = ["MemoryStore"]
@@ -22,12 +23,12 @@ class MemoryStore:
         *,
         max_entries: int = 10_000,
         max_bytes: int = 256 * 1024 * 1024,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_entries < 1 or max_bytes < 1:
-            raise ValueError("max_entries and max_bytes must be >= 1")
+            raise InvalidInput(
+                f"MemoryStore needs max_entries and max_bytes >= 1, got {max_entries}, {max_bytes}"
+            )
         self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._clock = clock
         self._items: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self.size = 0
         self._pace = Pacer()
@@ -38,7 +39,7 @@ class MemoryStore:
         if item is None:
             return None
         value, expires = item
-        if expires <= self._clock():
+        if expires <= current_time():
             self._drop(key)
             return None
         self._items.move_to_end(key)
@@ -50,7 +51,7 @@ class MemoryStore:
             return  # would evict everything and still not fit
         if key in self._items:
             self._drop(key)
-        expires = math.inf if ttl is None else self._clock() + ttl
+        expires = math.inf if ttl is None else current_time() + ttl
         self._items[key] = (value, expires)
         self.size += len(value)
         while len(self._items) > self.max_entries or self.size > self.max_bytes:
