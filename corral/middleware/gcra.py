@@ -29,7 +29,20 @@ import attrs
 
 from corral.middleware.ratelimit import PROCEED, Delay, Proceed
 
-__all__ = ["PAUSE", "RESERVE", "SETTLE", "Cell", "GcraPolicy", "GcraState", "decode", "stored"]
+__all__ = [
+    "PAUSE",
+    "RESERVE",
+    "SETTLE",
+    "Cell",
+    "GcraPolicy",
+    "GcraState",
+    "ScriptArgs",
+    "decode",
+    "stored",
+]
+
+#: A script's ARGV as redis-py sends it.
+ScriptArgs = list[float | int | str]
 
 _NOW = """
 local now
@@ -183,18 +196,18 @@ class GcraPolicy:
         until = now + seconds
         return attrs.evolve(state, pause=stored(until)) if until > state.pause else state
 
-    def reserve_args(self, tokens: int, margin_ms: int, now: float | None = None) -> list[object]:
+    def reserve_args(self, tokens: int, margin_ms: int, now: float | None = None) -> ScriptArgs:
         """``RESERVE``'s ARGV; ``now`` None: the script reads Redis's clock."""
         r, k = self.requests, self.tokens
         when = "" if now is None else now
         return [r.interval, r.burst, k.interval, k.burst, tokens, margin_ms, self.max_pause, when]
 
-    def settle_args(self, delta: int, margin_ms: int, now: float | None = None) -> list[object]:
+    def settle_args(self, delta: int, margin_ms: int, now: float | None = None) -> ScriptArgs:
         """``SETTLE``'s ARGV; ``now`` None: the script reads Redis's clock."""
         return [self.tokens.interval, delta, margin_ms, "" if now is None else now]
 
     @staticmethod
-    def pause_args(seconds: float, now: float | None = None) -> list[object]:
+    def pause_args(seconds: float, now: float | None = None) -> ScriptArgs:
         """``PAUSE``'s ARGV; ``now`` None: the script reads Redis's clock."""
         return [seconds, "" if now is None else now]
 

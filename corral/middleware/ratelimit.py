@@ -243,12 +243,14 @@ class RateLimitPolicy:
                     f"this call needs {amount} {bucket.name} units but the bucket holds at most "
                     f"{bucket.capacity:g}; raise the burst or split the request"
                 )
-        wait = self.paused_until - now
+        until = self.paused_until
         for bucket, amount in pairs:
             bucket.refill(now)
-            wait = max(wait, bucket.wait(amount))
-        if wait > 0:
-            return Delay(now + wait)
+            wait = bucket.wait(amount)
+            if wait > 0:
+                until = max(until, now + wait)
+        if until > now:
+            return Delay(until)
         for bucket, amount in pairs:
             bucket.level -= amount
         return PROCEED

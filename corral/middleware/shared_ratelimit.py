@@ -37,7 +37,7 @@ from corral.core.models import Request, Response
 from corral.core.tokens import EstimatingCounter
 from corral.core.wire import response_usage
 from corral.middleware._checks import at_least, finite, never, optional
-from corral.middleware.gcra import PAUSE, RESERVE, SETTLE, Cell, GcraPolicy, decode
+from corral.middleware.gcra import PAUSE, RESERVE, SETTLE, Cell, GcraPolicy, ScriptArgs, decode
 from corral.middleware.ratelimit import (
     Delay,
     NoPause,
@@ -198,7 +198,7 @@ class SharedRateLimit:
         if self._owns_client:
             await run_blocking(self._client.close)
 
-    async def _call(self, script: Any, keys: list[str], args: list[object]) -> object:
+    async def _call(self, script: Any, keys: list[str], args: ScriptArgs) -> object:
         return await run_blocking(lambda: script(keys=keys, args=args))
 
     def _redis_usable(self) -> bool:
@@ -229,6 +229,7 @@ class SharedRateLimit:
             )
         args = self._gcra.reserve_args(tokens, self._margin_ms)
         start = current_time()
+        delayed = False
         while True:
             try:
                 reply = await self._call(self._reserve, self._keys, args)
@@ -241,14 +242,15 @@ class SharedRateLimit:
             now = current_time()
             match decode(reply, now):
                 case Proceed():
-                    waited = now - start
-                    if waited > 0:
+                    if delayed:  # the time of a round trip to Redis is no wait for quota
+                        waited = now - start
                         self._waited += waited
                         request.options.call.emit(
                             RateLimitWaited, now, key=self.config.name, waited=waited, tokens=tokens
                         )
                     return True
                 case Delay(until=until):
+                    delayed = True
                     await anyio.sleep_until(until)
                 case other:
                     never(other)
