@@ -88,9 +88,15 @@ def api_errors(
 message_words = st.lists(
     st.sampled_from(["alpha", "beta", "gamma", "สวัสดี", "数据", "x" * 30]), max_size=60
 )
-chat_messages = st.lists(
+
+
+def _message(role: str, words: list[str]) -> dict[str, str]:
+    return {"role": role, "content": " ".join(words)}
+
+
+chat_messages: st.SearchStrategy[list[dict[str, str]]] = st.lists(
     st.builds(
-        lambda role, words: {"role": role, "content": " ".join(words)},
+        _message,
         st.sampled_from(["user", "assistant", "system"]),
         message_words,
     ),

@@ -56,7 +56,7 @@ def test_fit_respects_budget_and_keeps_what_must_stay(
 
 def test_oldest_turns_go_first_and_tool_calls_leave_with_their_results() -> None:
     counter = EstimatingCounter()
-    msgs = [
+    msgs: list[dict[str, Any]] = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "old " * 50},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "t1"}]},
