@@ -45,7 +45,10 @@ async def test_cancelled_waiter_takes_nothing() -> None:
     assert gate.used == 1
 
 
-async def test_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
+@pytest.mark.parametrize("cancel_first", [False, True])
+async def test_a_cancelled_waiter_loses_no_slot(cancel_first: bool) -> None:
+    """Released then cancelled: the slot was handed over, so ``first`` runs; cancelled then
+    released: ``first`` left the queue, so the slot goes on to ``second``."""
     gate = Gate(1)
     await gate.acquire()
     got: list[str] = []
@@ -67,10 +70,14 @@ async def test_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
         await anyio.sleep(0.01)
         tg.start_soon(second)
         await anyio.sleep(0.01)
-        gate.release()  # hands the slot to `first` ...
-        scope.cancel()  # ... which is cancelled before it runs
-    # Either the cancel landed (the slot went on to `second`) or `first` ran: no slot is lost.
-    assert got in (["second"], ["first", "second"]) and gate.used == 0
+        if cancel_first:
+            scope.cancel()
+            gate.release()
+        else:
+            gate.release()
+            scope.cancel()
+    assert got == (["second"] if cancel_first else ["first", "second"])
+    assert gate.used == 0
 
 
 async def test_a_loop_of_free_slots_still_honours_cancellation() -> None:
