@@ -819,7 +819,6 @@ def test_trace_tells_one_requests_story(tmp_path: Path, capsys: pytest.CaptureFi
     events = [json.loads(line) for line in trace.read_text().splitlines()]
     retried = [e for e in events if e["event"] == "retry.scheduled"]
     assert retried and all(e["kind"] == "server_error" and e["delay"] > 0 for e in retried)
-    assert {e["event"] for e in events} >= {"retry.scheduled", "ratelimit.waited"}
     custom_id = retried[0]["labels"]["custom_id"]
     capsys.readouterr()
     assert main(["trace", str(trace), "--id", custom_id]) == 0
