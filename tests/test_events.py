@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,61 @@ async def test_span_events_show_each_retry() -> None:
     first = next(e for e in span.events if e.name == "retry.scheduled")
     assert first.attributes is not None and first.attributes["corral.kind"] == "server_error"
     assert CANARY_KEY[:8] not in str([e.attributes for e in span.events])
+
+
+def _drop_second_request_server() -> tuple[socket.socket, threading.Thread]:
+    """Answers the first request on each connection and closes at the second, unanswered: a
+    keep-alive connection the server dropped while the client pooled it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            buffer = b""
+            for answered in (True, False):
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: *(\d+)", head, re.I)[1])  # type: ignore[index]
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                buffer = buffer[length:]
+                if answered:
+                    conn.sendall(reply)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+@pytest.mark.anyio
+async def test_a_resend_on_a_stale_connection_is_an_event() -> None:
+    from corral.transports.http11 import H11Transport
+
+    listener, _ = _drop_second_request_server()
+    seen: list[Event] = []
+    base = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    try:
+        async with Client(
+            base, CANARY_KEY, middleware=[], transport=H11Transport(), events=seen.append
+        ) as client:
+            for i in range(2):
+                request = client.build_request("/x", {"n": i}, labels={"custom_id": f"c{i}"})
+                assert (await client.send(request)).status == 200
+    finally:
+        listener.close()
+    resent = [e for e in seen if isinstance(e, TransportResent)]
+    assert [e.labels["custom_id"] for e in resent] == ["c1"]

@@ -41,7 +41,7 @@ from corral.client import Client, default_middleware, resolve_api_key
 from corral.core.errors import InvalidInput
 from corral.core.events import EventSink, TransportResent
 from corral.core.models import Timeouts
-from corral.middleware.cache import Cache, CacheRules
+from corral.middleware.cache import Cache
 from corral.middleware.retry import Retry
 from corral.middleware.truncate import Truncate
 from corral.observe import TraceFile, fan_out
@@ -176,17 +176,16 @@ def _transport(name: str, timeout: float) -> Transport:
 
 
 def _cache(job: BatchJob) -> Cache | None:
-    rules = CacheRules(ttl=job.cache_ttl)
     if job.redis:
         with needs_extra("redis", "--redis"):
             from corral.stores.redis import RedisStore
 
-            return Cache(RedisStore(job.redis), rules)
+            return Cache(RedisStore(job.redis), ttl=job.cache_ttl)
     if job.cache:
         from corral.stores import SQLiteStore
 
         _check_sqlite(job.cache)
-        return Cache(SQLiteStore(job.cache), rules)
+        return Cache(SQLiteStore(job.cache), ttl=job.cache_ttl)
     return None
 
 

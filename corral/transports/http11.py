@@ -30,6 +30,7 @@ import h11
 
 from corral.clock import current_time
 from corral.core import errors
+from corral.core.events import TransportResent
 from corral.core.headers import Headers
 from corral.core.models import Request, Response, Timeouts, Timing
 from corral.gate import Gate
@@ -168,6 +169,9 @@ class H11Transport:
                 try:
                     status, headers = await self._exchange(conn, request, target, timeouts, watch)
                 except _Stale:
+                    request.options.call.emit(
+                        TransportResent, self._clock(), reason="a reused connection closed unread"
+                    )
                     conn = lease.conn = await self._connect(origin, timeouts, watch)
                     status, headers = await self._exchange(conn, request, target, timeouts, watch)
                 first_byte = self._clock()
