@@ -827,3 +827,20 @@ def test_trace_tells_one_requests_story(tmp_path: Path, capsys: pytest.CaptureFi
     assert KEY not in trace.read_text()
     assert main(["trace", str(trace), "--id", "no-such-id"]) == 2
     assert "no events" in refused(capsys)
+
+
+def test_https_to_a_plain_http_server_stops_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 11 item 10: a wrong scheme fails every line alike; stop, say so, exit 2."""
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, 100)
+    with serve_in_thread() as emu:
+        started = time.monotonic()
+        https = emu.base_url.replace("http://", "https://")
+        assert main(run_args(source, out, https, "--concurrency", "4")) == 2
+        assert time.monotonic() - started < 30
+        assert emu.counts.get("received", 0) == 0
+    err = capsys.readouterr().err
+    assert "http:// vs https://" in err and "--base-url" in err
+    assert not out.exists() or read_output(out) == []

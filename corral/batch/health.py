@@ -4,7 +4,8 @@ Theory of operation. A failed call ends in one of three ways:
 
 - **about the line** (400, context length, a bad body, or a failure while other calls kept
   succeeding): written to the output as a failure record;
-- **fatal for the run** (401/403, 404 for the model or endpoint): the same would happen to
+- **fatal for the run** (401/403, 404 for the model or endpoint, https:// to a plain-HTTP
+  server): the same would happen to
   every line. After ``confirmations`` such failures with no success between them the run
   stops, and nothing is written for them, so the same command resumes after the fix. Fewer
   than that are held: a later success shows they were about their lines after all;
@@ -33,7 +34,7 @@ __all__ = [
     "classify_failure",
 ]
 
-_FATAL = (errors.AuthenticationError, errors.NotFoundError)
+_FATAL = (errors.AuthenticationError, errors.NotFoundError, errors.WrongScheme)
 _OUTAGE = (
     errors.TransportError,
     errors.ServerError,
@@ -160,4 +161,6 @@ class ProviderHealth:
 def _fatal_reason(exc: errors.CorralError) -> str:
     if isinstance(exc, errors.AuthenticationError):
         return f"the provider refused the credentials ({exc}); check the API key"
+    if isinstance(exc, errors.WrongScheme):
+        return f"{exc}; fix --base-url"
     return f"the provider does not know the endpoint or model ({exc}); check --base-url and --model"

@@ -5,6 +5,7 @@
     CorralError
     ├── TransportError                 the bytes did not make a round trip   (retryable)
     │   ├── ConnectError               no connection could be opened
+    │   │   └── WrongScheme            the server does not speak the URL's scheme   (final)
     │   ├── TimeoutError_              ConnectTimeout, ReadTimeout, WriteTimeout, PoolTimeout
     │   └── NetworkError               ReadError (reset), WriteError, RemoteProtocolError
     ├── APIError                       the server answered with an error status
@@ -59,6 +60,7 @@ __all__ = [
     "TransportError",
     "WriteError",
     "WriteTimeout",
+    "WrongScheme",
 ]
 
 
@@ -88,6 +90,14 @@ class TransportError(CorralError):
 
 class ConnectError(TransportError):
     kind = "connect_error"
+
+
+class WrongScheme(ConnectError):
+    """The server does not speak the URL's scheme (``https://`` to a plain-HTTP port): every
+    try would fail the same way, so it is not retried."""
+
+    kind = "wrong_scheme"
+    retryable = False
 
 
 class TimeoutError_(TransportError):

@@ -188,7 +188,7 @@ _CUT_OFF = (
 
 
 def connect_failure(text: str, exc: BaseException, *, tls: bool) -> errors.ConnectError:
-    """``ConnectError`` with ``text``; a TLS handshake the peer did not speak says so.
+    """``ConnectError`` with ``text``; ``WrongScheme`` when the peer did not speak TLS.
 
     A plain-HTTP server answers a ClientHello with a 400 (an SSL "wrong version number") or
     closes the connection; either way the likely mistake is the URL's scheme.
@@ -202,9 +202,12 @@ def connect_failure(text: str, exc: BaseException, *, tls: bool) -> errors.Conne
         isinstance(c, ssl.SSLError) and not isinstance(c, ssl.SSLCertVerificationError)
         for c in chain
     )
-    if tls and (not_tls or any(isinstance(c, _CUT_OFF) for c in chain)):
-        text += (
-            " (the server did not answer TLS: is it a plain-HTTP server? check the URL "
-            "scheme, http:// vs https://)"
-        )
+    hint = (
+        " (the server did not answer TLS: is it a plain-HTTP server? check the URL "
+        "scheme, http:// vs https://)"
+    )
+    if tls and not_tls:  # it answered, but not in TLS: the same on every try
+        return errors.WrongScheme(text + hint)
+    if tls and any(isinstance(c, _CUT_OFF) for c in chain):  # maybe, maybe a passing reset
+        return errors.ConnectError(text + hint)
     return errors.ConnectError(text)
