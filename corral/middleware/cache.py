@@ -265,18 +265,21 @@ class Cache:
                 if isinstance(cached, Response):
                     await self._pace()
                     self.hits += 1
-                    call.emit(CacheHit, current_time())
+                    if call.sink is not None:  # the hot path: no clock read unless heard
+                        call.emit(CacheHit, current_time())
                     return cached
                 reason = "store_error" if cached is _FAILED else "absent"
             case Refresh(key=key):
                 reason = "refresh"
             case Bypass(reason=reason):
-                call.emit(CacheMiss, current_time(), reason=reason)
+                if call.sink is not None:
+                    call.emit(CacheMiss, current_time(), reason=reason)
                 return await call_next(request)
             case _:
                 never(decision)
         self.misses += 1
-        call.emit(CacheMiss, current_time(), reason=reason)
+        if call.sink is not None:
+            call.emit(CacheMiss, current_time(), reason=reason)
         if not request.options.stream:
             return await self._single_flight(key, request, call_next)
         mark = call.stream
@@ -327,7 +330,7 @@ class Cache:
                 written = await self._guarded(
                     "write", lambda: self.store.set(key, value, ttl), deadline
                 )
-                if written is not _FAILED:
+                if written is not _FAILED and call.sink is not None:
                     call.emit(CacheStored, current_time())
             case Skip():
                 pass
