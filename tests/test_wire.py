@@ -181,3 +181,42 @@ def test_usage_watcher_finds_usage_in_any_split(cuts: list[int]) -> None:
         if (u := watcher.feed(raw[a:b])) is not None
     ]
     assert len(found) == 1 and found[0].total_tokens == 4
+
+
+@given(st.lists(st.integers(min_value=0), max_size=12), st.booleans())
+def test_a_shared_stream_parse_is_the_same_in_any_split(cuts: list[int], strict: bool) -> None:
+    """One parse per stream: the chunks, the usage (on the call too, its listener called once)
+    and completeness do not depend on where the bytes were cut."""
+    from corral.core.call import Call
+    from corral.core.wire import StreamParse
+
+    raw = stream_bytes(["a", "b", "c"])
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    call = Call()
+    parse = StreamParse(call)
+    heard: list[object] = []
+    parse.on_usage(heard.append)
+    if strict:
+        parse.keep_chunks()
+    texts: list[str] = []
+    for a, b in zip([0, *points], [*points, len(raw)], strict=True):
+        parse.feed(raw[a:b])
+        texts += [c.text for c in parse.take()]
+    parse.close()
+    assert texts == (["a", "b", "c", ""] if strict else [])
+    assert heard == [call.usage] and call.usage is not None and call.usage.total_tokens == 4
+    assert parse.complete and parse.error() is None
+
+
+def test_a_stream_parse_judges_events_only_when_asked() -> None:
+    from corral.core.wire import StreamParse
+
+    for bad in (b'{"choices": 5}', b"not json", b'{"error": "x"}'):
+        raw = b"data: " + bad + b"\n\ndata: [DONE]\n\n"
+        lenient, strict = StreamParse(), StreamParse()
+        strict.check_events()
+        for parse in (lenient, strict):
+            parse.feed(raw)
+            parse.close()
+        assert lenient.complete  # nobody asked: only usage events are decoded
+        assert not strict.complete and isinstance(strict.error(), errors.MalformedResponse)

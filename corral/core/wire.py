@@ -315,8 +315,8 @@ class StreamParse:
         self._listeners: list[Callable[[Usage], None]] = []
         self._chunks: list[dict[str, Any]] | None = None
         self._strict = False
-        #: What was wrong: the parser's refusal, or (what, provider text to quote).
-        self._bad: ResponseTooLarge | tuple[str, str] | None = None
+        #: What was wrong: an error quoting nothing, or (what, provider text to quote).
+        self._bad: CorralError | tuple[str, str] | None = None
         #: ``data: [DONE]`` arrived: the stream is complete (if nothing was wrong).
         self.done = False
         self.usage: Usage | None = None
@@ -381,6 +381,12 @@ class StreamParse:
             if isinstance(message, Mapping):
                 message = message.get("message")
             return self._refuse("provider sent an error mid-stream", str(message))
+        if self._strict:
+            try:
+                _choices(payload.get("choices", []), "chat chunk")
+            except MalformedResponse as exc:
+                self._bad = exc
+                return False
         if mentions_usage and self.usage is None:
             usage = Usage.parse(payload.get("usage"))
             if usage is not None:
@@ -415,7 +421,7 @@ class StreamParse:
         complete answer.
         """
         bad = self._bad
-        if isinstance(bad, ResponseTooLarge):
+        if isinstance(bad, CorralError):
             return bad
         if bad is not None:
             what, text = bad
