@@ -90,6 +90,7 @@ ALLOW, CLOSED, UNCHANGED = Allow(), Closed(), Unchanged()
 Verdict = Literal["failure", "success", "none"]
 
 BUCKETS = 20
+_FAILURES = (ServerError, TransportError)
 
 
 @attrs.frozen
@@ -121,11 +122,11 @@ class BreakerPolicy:
     @staticmethod
     def verdict(outcome: CorralError | None) -> Verdict:
         """What an attempt's outcome says about the backend's health."""
-        if isinstance(outcome, ServerError | TransportError):
-            return "failure"
-        if outcome is None or isinstance(outcome, APIError):
+        if outcome is None:
             return "success"
-        return "none"
+        if isinstance(outcome, _FAILURES):
+            return "failure"
+        return "success" if isinstance(outcome, APIError) else "none"
 
     def before(self, now: float) -> Allow | Refuse:
         """May a call go now? In HALF_OPEN an allowed call is one of the ``probes``."""
@@ -243,7 +244,8 @@ class CircuitBreaker:
         if policy is None:
             policy = self.policies[key] = BreakerPolicy(self.config)
         call = request.options.call
-        match policy.before(current_time()):
+        # CLOSED lets every call through: the clock is read only when the answer may differ.
+        match ALLOW if policy.state is State.CLOSED else policy.before(current_time()):
             case Allow():
                 pass
             case Refuse(until=until):

@@ -66,7 +66,7 @@ UNCHANGED = Unchanged()
 
 def is_overload(outcome: CorralError | None) -> TypeGuard[CorralError]:
     """The backend says it is overloaded: a 429, a 503, or an attempt that timed out."""
-    return isinstance(outcome, RateLimited | TimeoutError_) or (
+    return isinstance(outcome, (RateLimited, TimeoutError_)) or (
         isinstance(outcome, ServerError) and outcome.status == 503
     )
 
