@@ -116,9 +116,12 @@ def test_sync_client(emulator: RunningEmulator) -> None:
 
 
 def test_sync_stream_errors_reach_the_caller() -> None:
-    with SyncClient("http://127.0.0.1:9/v1", CANARY_KEY, model="m", middleware=[]) as client:
-        with pytest.raises(errors.ConnectError):
-            list(client.stream_chat(MESSAGES))
+    base = "http://127.0.0.1:9/v1"
+    with (
+        SyncClient(base, CANARY_KEY, model="m", middleware=[]) as client,
+        pytest.raises(errors.ConnectError),
+    ):
+        list(client.stream_chat(MESSAGES))
 
 
 async def test_cancellation_propagates(emulator: RunningEmulator) -> None:
