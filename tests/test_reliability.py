@@ -176,7 +176,9 @@ async def test_no_secret_in_errors_or_tracebacks(caplog: pytest.LogCaptureFixtur
                     await call
                 except errors.AuthenticationError as exc:
                     texts.append("".join(traceback.format_exception(exc)) + repr(exc) + str(exc))
-            texts.append(repr(client) + repr(client.build_request("/chat/completions", {"model": "m"})))
+            texts.append(
+                repr(client) + repr(client.build_request("/chat/completions", {"model": "m"}))
+            )
     async with Client(
         "http://127.0.0.1:9/v1",
         CANARY_KEY,
