@@ -16,7 +16,7 @@ from corral.batch.store import scan_output
 from corral.cli import main
 from corral.client import Client, default_middleware
 from corral.core import errors
-from corral.testing.emulator import EmulatorConfig, Fault
+from corral.testing.emulator import EmulatorConfig
 from corral.testing.server import RunningEmulator, serve_in_thread
 from tests.conftest import CANARY_KEY
 
@@ -113,10 +113,17 @@ async def test_resume_skips_done_and_repairs_a_torn_tail(
 async def test_retry_failed_reruns_only_failures(tmp_path: Path) -> None:
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(source, 40)
-    with serve_in_thread(EmulatorConfig(faults={Fault.SERVER_ERROR: 0.3}, seed=5)) as emu:
+    # A provider whose window is too small for some prompts: 400s about those lines only.
+    long = [json.loads(line) for line in source.read_text().splitlines()[:10]]
+    for record in long:
+        record["body"]["messages"][0]["content"] = "word " * 100
+    lines = [json.dumps(r) for r in long] + source.read_text().splitlines()[10:]
+    source.write_text("\n".join(lines) + "\n")
+    small = EmulatorConfig(context_windows={"gpt-4o-mini": 60})
+    with serve_in_thread(small) as emu:
         first = await run(emu, BatchOptions(source, out), max_attempts=1)
         failed = sum(first.report.failed.values())
-        assert failed > 0
+        assert failed == 10 and set(first.report.failed) == {"context_length_exceeded"}
     with serve_in_thread() as emu:
         second = await run(emu, BatchOptions(source, out, retry_failed=True))
         assert second.report.sent == failed and emu.counts["received"] == failed

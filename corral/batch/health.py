@@ -12,8 +12,9 @@ Theory of operation. A failed call ends in one of three ways:
 - **an outage** (connect errors, timeouts, 5xx, an open circuit, with no success since the call
   started): the line is requeued, admission pauses, and one probe is sent at a time with
   backoff until one succeeds or the outage has lasted ``max_outage`` seconds. The same kinds
-  of failure while other calls succeed are a strike against the line: it is requeued once
-  more, and written as a failure at its ``line_strikes``-th strike.
+  of failure when a call sent after this one succeeded are a strike against the line: it is
+  requeued once more, and written as a failure at a second such failure (an outage that
+  starts between the two only requeues it). An open circuit is never a line's fault.
 
 Pure: no clock, no I/O. The runner passes ``now`` and carries out the ``Decision``.
 """
@@ -86,12 +87,14 @@ Decision = WriteFailure | Hold | Requeue | StopRun
 @attrs.define
 class ProviderHealth:
     confirmations: int = 3
-    line_strikes: int = 2
     max_outage: float = 600.0
     probe_initial: float = 1.0
     probe_max: float = 30.0
     fatal_streak: int = 0
     last_success: float | None = None
+    #: When the latest-started successful call was sent: a success sent after a line's strike
+    #: proves the provider answered after it (a success sent before may only finish after).
+    last_success_sent: float | None = None
     outage_since: float | None = None
     probes: int = 0
 
@@ -99,20 +102,28 @@ class ProviderHealth:
     def in_outage(self) -> bool:
         return self.outage_since is not None
 
-    def on_success(self, now: float) -> bool:
-        """Record a success; True if it ends an outage or proves held failures were per line."""
+    def on_success(self, now: float, started: float | None = None) -> bool:
+        """Record a success of a call sent at ``started`` (default ``now``); True if it ends
+        an outage or proves held failures were per line."""
         ended = self.outage_since is not None or self.fatal_streak > 0
         self.last_success = now
+        sent = now if started is None else started
+        if self.last_success_sent is None or sent > self.last_success_sent:
+            self.last_success_sent = sent
         self.fatal_streak = 0
         self.outage_since = None
         self.probes = 0
         return ended
 
     def on_failure(
-        self, exc: errors.CorralError, started: float, now: float, strikes: int = 0
+        self,
+        exc: errors.CorralError,
+        started: float,
+        now: float,
+        struck_at: float | None = None,
     ) -> Decision:
-        """Decide for a call that started at ``started`` and failed at ``now``; ``strikes``:
-        the line's earlier strikes."""
+        """Decide for a call that started at ``started`` and failed at ``now``; ``struck_at``:
+        when the line took its strike, if it has one."""
         kind = classify_failure(exc)
         if kind == "fatal":
             self.fatal_streak += 1
@@ -121,9 +132,11 @@ class ProviderHealth:
             return Hold()
         if kind == "line":
             return WriteFailure()
-        if self.last_success is not None and self.last_success >= started:
-            # Other calls succeeded meanwhile: perhaps this line's own trouble.
-            return WriteFailure() if strikes + 1 >= self.line_strikes else Requeue(strike=True)
+        sent = self.last_success_sent
+        if sent is not None and sent >= started and not isinstance(exc, errors.CircuitOpen):
+            # A call sent after this one succeeded: perhaps this line's own trouble. Written
+            # off at its second such failure (its strike is ``struck_at``).
+            return Requeue(strike=True) if struck_at is None else WriteFailure()
         if self.outage_since is None:
             self.outage_since = now
         if now - self.outage_since >= self.max_outage:

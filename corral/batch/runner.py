@@ -206,9 +206,10 @@ class BatchRunner:
         self.in_flight = 0
         #: Set while admission waits for the provider to come back (for the progress line).
         self.waiting_since: float | None = None
-        #: Lines to send again, with their strikes (failures while others succeeded).
-        self._requeued: collections.deque[tuple[BatchItem, int]] = collections.deque()
-        self._strikes: dict[str, int] = {}
+        #: Lines to send again, with the time of their strike (a failure while others
+        #: succeeded), if they took one.
+        self._requeued: collections.deque[tuple[BatchItem, float | None]] = collections.deque()
+        self._strikes: dict[str, float] = {}
         self._held: list[tuple[bytes, str]] = []
         #: One worker at a time probes during an outage: ``_prober`` from its backoff wait
         #: until its call (``_probe``) ends.
@@ -308,9 +309,9 @@ class BatchRunner:
         if not self._requeued:
             return None
         self.report.resent += 1
-        item, strikes = self._requeued.popleft()
-        if strikes:
-            self._strikes[item.custom_id] = strikes
+        item, struck_at = self._requeued.popleft()
+        if struck_at is not None:
+            self._strikes[item.custom_id] = struck_at
         return item
 
     async def _take_probe_turn(self) -> bool:
@@ -364,7 +365,7 @@ class BatchRunner:
             self._path(item.url), body, labels={"custom_id": item.custom_id}
         )
         self.report.sent += 1
-        strikes = self._strikes.pop(item.custom_id, 0)
+        struck_at = self._strikes.pop(item.custom_id, None)
         started = anyio.current_time()
         self.in_flight += 1
         error: CorralError | None = None
@@ -386,27 +387,32 @@ class BatchRunner:
             if item is self._probe:
                 self._probe, self._prober = None, False
             self._notify()
-        self._settle(item, line, error, started, strikes)
+        self._settle(item, line, error, started, struck_at)
 
     def _settle(
-        self, item: BatchItem, line: bytes, error: CorralError | None, started: float, strikes: int
+        self,
+        item: BatchItem,
+        line: bytes,
+        error: CorralError | None,
+        started: float,
+        struck_at: float | None,
     ) -> None:
         now = anyio.current_time()
         if error is None:
-            if self.health.on_success(now):
+            if self.health.on_success(now, started):
                 self.waiting_since = None
                 if not self._stopping:
                     self._release_held()
             self._write(line, None)
             return
-        match self.health.on_failure(error, started, now, strikes):
+        match self.health.on_failure(error, started, now, struck_at):
             case WriteFailure():
                 self._write(line, error.kind)
             case Hold():
                 self._held.append((line, error.kind))
             case Requeue(strike=strike):
                 if not self._stopping:
-                    self._requeued.append((item, strikes + strike))
+                    self._requeued.append((item, now if strike else struck_at))
             case StopRun() as stop:
                 if self.report.stopped is None:
                     self.report.stopped = stop
