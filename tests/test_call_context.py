@@ -129,11 +129,7 @@ async def test_one_stream_is_sse_parsed_once_and_each_event_decoded_once(
         return loads(data)
 
     metrics, cache = Metrics(), Cache(MemoryStore())
-    layers = [
-        layer
-        for layer in every_layer(cache, metrics)
-        if type(layer).__name__ != "RateLimit"  # its own watcher until it reads call.stream
-    ]
+    layers = list(every_layer(cache, metrics))
     client = Client("http://h/v1", KEY, model="gpt-4o-mini", transport=answer(), middleware=layers)
     monkeypatch.setattr(wire_module, "SSEParser", Counting)
     monkeypatch.setattr(jsonlib, "loads", counting)

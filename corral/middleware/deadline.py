@@ -63,6 +63,4 @@ class Deadline:
             ) from None
         if response.stream is None:
             return response
-        return attrs.evolve(
-            response, stream=DeadlineStream(response.stream, deadline, current_time)
-        )
+        return attrs.evolve(response, stream=DeadlineStream(response.stream, deadline))

@@ -39,9 +39,8 @@ from corral.core.errors import CorralError, RateLimited, RequestTooLarge
 from corral.core.events import RateLimitPaused, RateLimitWaited
 from corral.core.models import Request, Response
 from corral.core.tokens import EstimatingCounter, TokenCounter, estimate_request_tokens
-from corral.core.wire import Usage, response_usage
+from corral.core.wire import Usage, response_usage, shared_parse
 from corral.middleware._checks import at_least, finite, never, optional
-from corral.streams import UsageStream
 
 __all__ = [
     "Admission",
@@ -444,6 +443,7 @@ class RateLimit:
         if waited > 0:
             self.waited += waited
             call.emit(RateLimitWaited, current_time(), key=key, waited=waited, tokens=reserved)
+        mark = call.stream
         response = await call_next(request)
         now = current_time()
         policy = queue.policy
@@ -467,8 +467,12 @@ class RateLimit:
         if limits.present:
             policy.resync(now, limits.remaining_requests, limits.remaining_tokens)
         if response.status == 200 and response.stream is not None:
-            settle = functools.partial(self._settle_stream, queue, reserved)
-            response = attrs.evolve(response, stream=UsageStream(response.stream, settle))
+            # The call's one parse of the stream (shared with Metrics, the cache, the reader)
+            # settles the reservation when the usage arrives.
+            stream, parse = shared_parse(call, response.stream, mark)
+            parse.on_usage(functools.partial(self._settle_stream, queue, reserved))
+            if stream is not response.stream:
+                response = attrs.evolve(response, stream=stream)
         elif response.status == 200:
             usage = response_usage(response)
             if usage is not None:
