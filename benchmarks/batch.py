@@ -86,8 +86,8 @@ def timed_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[floa
 MEMORY_DRIVER = """
 import sys, anyio
 from pathlib import Path
-from corral.batch.runner import BatchOptions, BatchRunner
-from corral.client import Client, default_middleware
+from corral.batch._runner import BatchOptions, BatchRunner
+from corral._client import Client, default_middleware
 from corral.core import Headers, Response
 from corral.transports import MemoryTransport
 

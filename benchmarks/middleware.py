@@ -26,8 +26,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import CLIENT_CPU, free_port, machine, pin_to
 
 from corral.core import Headers, Request, Response, api_request, build_stack, decode_chat
-from corral.middleware.cache import Cache
-from corral.middleware.metrics import Metrics
+from corral.middleware._cache import Cache
+from corral.middleware._metrics import Metrics
 from corral.stores import MemoryStore, SQLiteStore
 from corral.transports import MemoryTransport
 

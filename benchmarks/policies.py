@@ -17,9 +17,9 @@ import anyio
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import CLIENT_CPU, cpu_seconds, emulator_counts, emulator_process, machine, pin_to
 
-from corral.client import Client, default_middleware
+from corral._client import Client, default_middleware
 from corral.core import Headers, Request, Response, api_request, build_stack
-from corral.core.tokens import EstimatingCounter, estimate_request_tokens
+from corral.core._tokens import EstimatingCounter, estimate_request_tokens
 from corral.testing.emulator import EmulatorConfig, Latency
 from corral.testing.simulator import SimulatedProvider
 from corral.transports import H11Transport, MemoryTransport

@@ -21,9 +21,9 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import CLIENT_CPU, emulator_counts, emulator_process, machine, pin_to
 from batch import write_input
 
-from corral.batch.runner import BatchOptions, BatchRunner
-from corral.client import Client, default_middleware
-from corral.core.models import Timeouts
+from corral._client import Client, default_middleware
+from corral.batch._runner import BatchOptions, BatchRunner
+from corral.core._models import Timeouts
 from corral.transports import H11Transport
 
 KEY = "sk-bench-0123456789"

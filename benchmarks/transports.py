@@ -73,16 +73,16 @@ async def _variant(name: str, base_url: str, n: int, concurrency: int) -> tuple[
     name = name.removesuffix("-uvloop")  # the loop is picked in run_one
     if name.startswith("corral-"):
         if name in ("corral-httpx", "corral-httpx2"):
-            from corral.transports.httpx_transport import HttpxTransport
+            from corral.transports._httpx_transport import HttpxTransport
 
             package = name.removeprefix("corral-")
             transport: Any = HttpxTransport(package=package, max_connections=concurrency)
         elif name == "corral-aiohttp":
-            from corral.transports.aiohttp_transport import AiohttpTransport
+            from corral.transports._aiohttp_transport import AiohttpTransport
 
             transport = AiohttpTransport(max_connections=concurrency)
         else:
-            from corral.transports.http11 import H11Transport
+            from corral.transports._http11 import H11Transport
 
             transport = H11Transport(max_connections=concurrency)
 

@@ -24,11 +24,11 @@ import anyio
 import attrs
 
 from corral import __version__
-from corral.batch.job import TRANSPORTS, BatchJob, ExitCode, needs_extra, run_job
-from corral.batch.paths import check_input
-from corral.batch.runner import BatchOptions, estimate_cost, preflight
-from corral.batch.store import scan_output
-from corral.core.errors import InvalidInput
+from corral.batch._job import TRANSPORTS, BatchJob, ExitCode, needs_extra, run_job
+from corral.batch._paths import check_input
+from corral.batch._runner import BatchOptions, estimate_cost, preflight
+from corral.batch._store import scan_output
+from corral.core._errors import InvalidInput
 
 __all__ = ["main"]
 
@@ -353,7 +353,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from corral.batch.templates import Template, write_requests
+    from corral.batch._templates import Template, write_requests
 
     params = {} if args.max_tokens is None else {"max_tokens": args.max_tokens}
     template = Template(args.template, args.model, args.system, params)
@@ -452,7 +452,7 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from corral.demo import run_demo
+    from corral._demo import run_demo
 
     return run_demo(args.requests, args.dir, backend=args.backend, json_summary=args.json)
 

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from corral.core import jsonlib
-from corral.core.errors import InvalidInput
-from corral.core.events import Event, EventSink, event_fields
+from corral.core import _jsonlib as jsonlib
+from corral.core._errors import InvalidInput
+from corral.core._events import Event, EventSink, event_fields
 
 __all__ = ["LogSink", "TraceFile", "fan_out", "format_story", "read_trace"]
 

@@ -16,11 +16,11 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from corral.batch.items import parse_line
+    from corral.batch._items import parse_line
     from corral.core import Headers, Response, errors
-    from corral.core.classify import classify, parse_duration, parse_retry_after
-    from corral.core.sse import SSEParser
-    from corral.core.wire import ChatStreamDecoder, UsageWatcher, decode_chat, decode_embeddings
+    from corral.core._classify import classify, parse_duration, parse_retry_after
+    from corral.core._sse import SSEParser
+    from corral.core._wire import ChatStreamDecoder, UsageWatcher, decode_chat, decode_embeddings
 
 
 def one_input(data: bytes) -> None:

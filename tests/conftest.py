@@ -10,9 +10,9 @@ from typing import Any
 import hypothesis  # noqa: F401
 import pytest
 
-from corral.core.models import Timeouts
+from corral.core._models import Timeouts
 from corral.testing.server import RunningEmulator, serve_in_thread
-from corral.transports.base import Transport
+from corral.transports._base import Transport
 
 #: The canary key: the secrets tests assert that no piece of it leaks anywhere.
 CANARY_KEY = "sk-canary-Zq8xW3vT9pL2mN5bR7yK"
@@ -37,14 +37,14 @@ TRANSPORTS = ["h11", "httpx", "httpx2", "aiohttp"]
 def make_transport(name: str, **kwargs: Any) -> Transport:
     """Build a transport by name with the options all of them share."""
     if name == "h11":
-        from corral.transports.http11 import H11Transport
+        from corral.transports._http11 import H11Transport
 
         return H11Transport(**kwargs)
     if name in ("httpx", "httpx2"):
-        from corral.transports.httpx_transport import HttpxTransport
+        from corral.transports._httpx_transport import HttpxTransport
 
         return HttpxTransport(package=name, **kwargs)
-    from corral.transports.aiohttp_transport import AiohttpTransport
+    from corral.transports._aiohttp_transport import AiohttpTransport
 
     return AiohttpTransport(**kwargs)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from corral.core import errors
+from corral.core import _errors as errors
 
 #: What a connection handler gets: the socket, the request head it read (b"" if it read none),
 #: and the event that says the test is over.

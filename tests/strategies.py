@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from corral.core import errors
+from corral.core import _errors as errors
 
 #: Seconds between two events on a policy's clock.
 steps = st.floats(0, 30, allow_nan=False)
@@ -18,10 +18,10 @@ retry_after_values = st.one_of(st.none(), st.floats(allow_nan=True, allow_infini
 
 def rate_limited(
     retry_after: st.SearchStrategy[float | None] = retry_after_values,
-) -> st.SearchStrategy[errors.RateLimited]:
+) -> st.SearchStrategy[errors.RateLimitError]:
     """A classified 429."""
     return st.builds(
-        lambda seconds: errors.RateLimited("slow down", retry_after=seconds), retry_after
+        lambda seconds: errors.RateLimitError("slow down", retry_after=seconds), retry_after
     )
 
 
@@ -71,8 +71,8 @@ def api_errors(
     statuses = st.sampled_from([400, 401, 403, 404, 408, 409, 418, 429, 500, 502, 503])
 
     def build(status: int, seconds: float | None, verdict: bool | None) -> errors.APIError:
-        from corral.core.classify import classify
-        from corral.core.headers import Headers
+        from corral.core._classify import classify
+        from corral.core._headers import Headers
 
         headers = {} if seconds is None else {"retry-after": repr(seconds)}
         if verdict is not None:

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import anyio
 import pytest
 
-from corral.transports import asyncio_stream
-from corral.transports.asyncio_stream import AsyncioStream, open_asyncio_stream
+from corral.transports import _asyncio_stream as asyncio_stream
+from corral.transports._asyncio_stream import AsyncioStream, open_asyncio_stream
 
 pytestmark = pytest.mark.anyio
 

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral.batch.items import BadLine, BatchItem, IdSet, parse_line
-from corral.batch.runner import BatchOptions, BatchRunner, estimate_cost, preflight
-from corral.batch.store import scan_output
+from corral._client import Client, default_middleware
+from corral.batch._items import BadLine, BatchItem, IdSet, parse_line
+from corral.batch._runner import BatchOptions, BatchRunner, estimate_cost, preflight
+from corral.batch._store import scan_output
 from corral.cli import main
-from corral.client import Client, default_middleware
-from corral.core import errors
+from corral.core import _errors as errors
 from corral.testing.emulator import EmulatorConfig
 from corral.testing.server import RunningEmulator, serve_in_thread
 from tests.conftest import CANARY_KEY

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from corral.batch.lock import lock_path
-from corral.batch.manifest import manifest_path
+from corral.batch._lock import lock_path
+from corral.batch._manifest import manifest_path
 from corral.cli import main, resume_command
 from corral.testing.emulator import EmulatorConfig, Latency
 from corral.testing.server import serve_in_thread
@@ -594,11 +594,11 @@ REFUSALS: dict[str, Any] = {
 }
 #: Cases that need an optional dependency to look absent: (third-party modules, corral modules).
 _MISSING_EXTRA = {
-    "aiohttp extra missing": (["aiohttp"], ["corral.transports.aiohttp_transport"]),
+    "aiohttp extra missing": (["aiohttp"], ["corral.transports._aiohttp_transport"]),
     "redis extra missing": (["redis", "redis.asyncio"], ["corral.stores.redis"]),
     "quota redis extra missing": (
         ["redis", "redis.asyncio"],
-        ["corral.middleware.shared_ratelimit"],
+        ["corral.middleware._shared_ratelimit"],
     ),
     "trio extra missing": (["trio"], []),
 }

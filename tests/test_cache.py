@@ -16,12 +16,12 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral.client import Client
+from corral._client import Client
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
-from corral.core.events import CacheMiss, Event
-from corral.core.models import CacheMode, RequestOptions
-from corral.middleware.cache import Bypass, Cache, CacheRules, Lookup, Refresh, Skip, Write
-from corral.middleware.metrics import Metrics
+from corral.core._events import CacheMiss, Event
+from corral.core._models import CacheMode, RequestOptions
+from corral.middleware._cache import Bypass, Cache, CacheRules, Lookup, Refresh, Skip, Write
+from corral.middleware._metrics import Metrics
 from corral.stores import MemoryStore, SQLiteStore, Store
 from corral.stores.redis import RedisStore
 from corral.testing.server import RunningEmulator
@@ -180,7 +180,7 @@ async def test_single_flight_one_upstream_call_and_shared_failure() -> None:
 
 
 async def test_cached_stream_replays_as_a_stream(emulator: RunningEmulator, tmp_path: Path) -> None:
-    from corral.client import default_middleware
+    from corral._client import default_middleware
 
     store = SQLiteStore(tmp_path / "c.db")
     stack = default_middleware(cache=Cache(store))

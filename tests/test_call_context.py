@@ -13,14 +13,15 @@ from typing import Any
 
 import pytest
 
-from corral.client import Client, default_middleware
-from corral.core import Headers, Request, Response, errors, jsonlib
-from corral.core import wire as wire_module
-from corral.core.sse import SSEParser
-from corral.core.wire import StreamParse
-from corral.middleware.cache import Cache
-from corral.middleware.metrics import Metrics
-from corral.middleware.truncate import Truncate
+from corral._client import Client, default_middleware
+from corral.core import Headers, Request, Response, errors
+from corral.core import _jsonlib as jsonlib
+from corral.core import _wire as wire_module
+from corral.core._sse import SSEParser
+from corral.core._wire import StreamParse
+from corral.middleware._cache import Cache
+from corral.middleware._metrics import Metrics
+from corral.middleware._truncate import Truncate
 from corral.stores import MemoryStore
 from corral.transports import MemoryTransport
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral.core import errors
-from corral.core.classify import (
+from corral.core import _errors as errors
+from corral.core._classify import (
     classify,
     parse_duration,
     parse_rate_limit_headers,
@@ -18,7 +18,7 @@ from corral.core.classify import (
     parse_should_retry,
     scrub,
 )
-from corral.core.headers import Headers
+from corral.core._headers import Headers
 from corral.testing.emulator import format_duration
 from tests.conftest import CANARY_KEY
 
@@ -120,7 +120,7 @@ def error_body(message: str, code: str | None = None) -> bytes:
         (404, errors.NotFoundError),
         (408, errors.RequestTimeoutError),
         (409, errors.ConflictError),
-        (429, errors.RateLimited),
+        (429, errors.RateLimitError),
         (500, errors.ServerError),
         (503, errors.ServerError),
         (418, errors.APIError),
@@ -146,7 +146,7 @@ def test_classify_context_length_with_numbers() -> None:
 
 def test_classify_rate_limited_carries_retry_after() -> None:
     error = classify(429, Headers({"retry-after-ms": "1500"}), b"not json")
-    assert isinstance(error, errors.RateLimited) and error.retry_after == 1.5
+    assert isinstance(error, errors.RateLimitError) and error.retry_after == 1.5
     assert error.retryable
 
 
@@ -192,7 +192,7 @@ URL = "http://127.0.0.1:8080/v1/chat/completions"
         (404, "text/html", NGINX_404, errors.NotFoundError, "404 Not Found 404 Not Found nginx"),
         (502, "text/html; charset=utf-8", b"<h1>Bad Gateway</h1>", errors.ServerError, "Bad"),
         (401, "text/plain", b"Unauthorized", errors.AuthenticationError, "Unauthorized"),
-        (429, "", b"slow\tdown", errors.RateLimited, "unlabelled body: slow down"),
+        (429, "", b"slow\tdown", errors.RateLimitError, "unlabelled body: slow down"),
         (403, "text/html", b"<p>Forbidden &amp; logged</p>", errors.AuthenticationError, "& l"),
         (400, "application/json", b'{"object": "error"}', errors.BadRequestError, "object"),
     ],

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
-from corral.client import Client, SyncClient, default_middleware, resolve_api_key
-from corral.core import errors
+from corral._client import Client, SyncClient, default_middleware, resolve_api_key
+from corral.core import _errors as errors
 from corral.testing.emulator import EmulatorConfig, Fault, Latency
 from corral.testing.server import RunningEmulator, serve_in_thread
 from tests.conftest import CANARY_KEY

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from corral.core import Headers, Response, decode_chat, decode_embeddings, errors, parse_retry_after
-from corral.core.classify import parse_rate_limit_headers
+from corral.core._classify import parse_rate_limit_headers
 from corral.testing.emulator import DEFAULT_MODELS, Emulator, EmulatorConfig, Fault
 
 KEY = {"authorization": "Bearer sk-test"}
@@ -38,7 +38,7 @@ def test_rpm_limit_gives_429_with_retry_after_and_headers() -> None:
     emu = Emulator(EmulatorConfig(rpm=3))
     assert [call(emu, chat_body(), now=t).status for t in (0, 1, 2)] == [200] * 3
     denied = call(emu, chat_body(), now=10)
-    with pytest.raises(errors.RateLimited) as info:
+    with pytest.raises(errors.RateLimitError) as info:
         decode_chat(denied)
     assert info.value.retry_after == pytest.approx(50.0)
     assert parse_retry_after(denied.headers) == pytest.approx(50.0)
@@ -150,7 +150,7 @@ def test_unknown_model_is_model_not_found_in_openais_shape() -> None:
 
 
 def test_default_models_are_real_ones_and_include_the_demos() -> None:
-    from corral.demo import write_reviews
+    from corral._demo import write_reviews
 
     assert {"gpt-4o-mini", "gpt-4.1-mini", "text-embedding-3-small"} <= DEFAULT_MODELS
     assert "m" not in DEFAULT_MODELS and "small-model" not in DEFAULT_MODELS

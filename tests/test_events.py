@@ -14,10 +14,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from corral.client import Client, default_middleware
-from corral.core.call import Call
-from corral.core.errors import CorralError, InvalidInput
-from corral.core.events import Event, RetryScheduled, TransportResent
+from corral._client import Client, default_middleware
+from corral.core._call import Call
+from corral.core._errors import CorralError, InvalidInput
+from corral.core._events import Event, RetryScheduled, TransportResent
 from corral.integrations.otel import Tracing, span_events
 from corral.observe import LogSink, TraceFile, fan_out, format_story, read_trace
 from corral.testing.emulator import EmulatorConfig, Fault
@@ -136,7 +136,7 @@ def _drop_second_request_server() -> tuple[socket.socket, threading.Thread]:
 
 @pytest.mark.anyio
 async def test_a_resend_on_a_stale_connection_is_an_event() -> None:
-    from corral.transports.http11 import H11Transport
+    from corral.transports._http11 import H11Transport
 
     listener, _ = _drop_second_request_server()
     seen: list[Event] = []

@@ -8,11 +8,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry, generate_latest
 
-from corral.client import Client, default_middleware
-from corral.core import errors
+from corral._client import Client, default_middleware
+from corral.core import _errors as errors
 from corral.integrations.otel import Tracing
 from corral.integrations.prometheus import register
-from corral.middleware.metrics import Histogram, Metrics, Price
+from corral.middleware._metrics import Histogram, Metrics, Price
 from corral.testing.server import RunningEmulator
 from tests.conftest import CANARY_KEY
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from corral.middleware.concurrency import Gate
+from corral.middleware._concurrency import Gate
 
 pytestmark = pytest.mark.anyio
 

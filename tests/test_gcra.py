@@ -14,7 +14,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corral.middleware.gcra import (
+from corral.middleware._gcra import (
     PAUSE,
     RESERVE,
     SETTLE,
@@ -23,7 +23,7 @@ from corral.middleware.gcra import (
     GcraState,
     decode,
 )
-from corral.middleware.ratelimit import Delay, Proceed
+from corral.middleware._ratelimit import Delay, Proceed
 
 MARGIN_MS = 60_000
 

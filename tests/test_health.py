@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral.batch.health import Hold, ProviderHealth, Requeue, StopRun, WriteFailure
-from corral.core import errors
+from corral.batch._health import Hold, ProviderHealth, Requeue, StopRun, WriteFailure
+from corral.core import _errors as errors
 
 FATAL = errors.AuthenticationError("bad key", status=401)
 OUTAGE = errors.ConnectError("refused")

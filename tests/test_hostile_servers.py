@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
-from corral.client import Client
-from corral.core import errors
-from corral.middleware.deadline import Deadline
+from corral._client import Client
+from corral.core import _errors as errors
+from corral.middleware._deadline import Deadline
 from corral.testing.server import serve_in_thread
-from corral.transports.http11 import H11Transport
+from corral.transports._http11 import H11Transport
 from tests import hostile
 from tests.conftest import CANARY_KEY, TransportFactory
 

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral.core import errors, jsonlib
+from corral.core import _errors as errors
+from corral.core import _jsonlib as jsonlib
 
 #: JSON values as ``loads`` returns them, with integers of any size and only finite floats.
 json_values = st.recursive(

@@ -17,14 +17,14 @@ CORE_THIRD_PARTY = {"attrs", "orjson", "toktok"}
 EVENT_LOOPS = {"anyio", "asyncio", "trio", "sniffio", "h11", "httpx", "httpx2", "aiohttp"}
 #: What each layer must not import (corral subpackages and modules above it).
 FORBIDDEN = {
-    "core": {"corral.middleware", "corral.transports", "corral.client", "corral.batch",
-             "corral.cli", "corral.clock", "corral.observe", "corral.integrations",
-             "corral.testing", "corral.stores", "corral.gate", "corral.pacing"},
-    "middleware": {"corral.transports", "corral.client", "corral.batch", "corral.cli",
+    "core": {"corral.middleware", "corral.transports", "corral._client", "corral.batch",
+             "corral.cli", "corral._clock", "corral.observe", "corral.integrations",
+             "corral.testing", "corral.stores", "corral._gate", "corral._pacing"},
+    "middleware": {"corral.transports", "corral._client", "corral.batch", "corral.cli",
                    "corral.testing", "corral.integrations"},
-    "transports": {"corral.middleware", "corral.client", "corral.batch", "corral.cli",
+    "transports": {"corral.middleware", "corral._client", "corral.batch", "corral.cli",
                    "corral.testing"},
-    "stores": {"corral.middleware", "corral.transports", "corral.client", "corral.batch",
+    "stores": {"corral.middleware", "corral.transports", "corral._client", "corral.batch",
                "corral.cli"},
 }  # fmt: skip
 

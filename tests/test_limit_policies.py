@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.core import errors
-from corral.middleware.breaker import (
+from corral.core import _errors as errors
+from corral.middleware._breaker import (
     Allow,
     BreakerConfig,
     BreakerPolicy,
@@ -18,15 +18,15 @@ from corral.middleware.breaker import (
     Refuse,
     State,
 )
-from corral.middleware.breaker import Unchanged as BreakerUnchanged
-from corral.middleware.concurrency import (
+from corral.middleware._breaker import Unchanged as BreakerUnchanged
+from corral.middleware._concurrency import (
     AIMDPolicy,
     ConcurrencyConfig,
     LimitChanged,
     Unchanged,
     is_overload,
 )
-from corral.middleware.ratelimit import (
+from corral.middleware._ratelimit import (
     Cost,
     Delay,
     NoPause,
@@ -52,7 +52,7 @@ def test_only_a_429_pauses_and_never_past_max_pause(
     outcome: errors.CorralError | None, now: float, max_pause: float
 ) -> None:
     decision = PausePolicy(max_pause=max_pause).decide(now, outcome)
-    if not isinstance(outcome, errors.RateLimited):
+    if not isinstance(outcome, errors.RateLimitError):
         assert decision == NoPause()
         return
     assert isinstance(decision, Pause)
@@ -67,7 +67,7 @@ def test_only_a_429_pauses_and_never_past_max_pause(
 
 @given(asked=retry_after_values)
 def test_a_pause_says_what_the_server_asked(asked: float | None) -> None:
-    pause = PausePolicy(max_pause=30.0).decide(0.0, errors.RateLimited("x", retry_after=asked))
+    pause = PausePolicy(max_pause=30.0).decide(0.0, errors.RateLimitError("x", retry_after=asked))
     assert isinstance(pause, Pause)
     if asked is None or asked != asked:  # none, or NaN: the default second
         assert pause.seconds == 1.0 and pause.requested is None and not pause.capped
@@ -138,7 +138,7 @@ def test_aimd_moves_only_on_what_the_outcome_says(
 
 
 def test_overload_is_a_429_a_503_or_a_timeout() -> None:
-    assert is_overload(errors.RateLimited("x"))
+    assert is_overload(errors.RateLimitError("x"))
     assert is_overload(errors.ServerError("x", status=503))
     assert is_overload(errors.ReadTimeout("x")) and is_overload(errors.PoolTimeout("x"))
     assert not is_overload(errors.ServerError("x", status=500))

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
-from corral.core.events import (
+from corral.core._events import (
     BreakerClosed,
     BreakerOpened,
     BreakerRefused,
@@ -19,9 +19,9 @@ from corral.core.events import (
     RateLimitPaused,
     RateLimitWaited,
 )
-from corral.core.models import RequestOptions
+from corral.core._models import RequestOptions
 from corral.middleware import CircuitBreaker, ConcurrencyLimit, RateLimit
-from corral.middleware.shared_ratelimit import SharedRateLimit
+from corral.middleware._shared_ratelimit import SharedRateLimit
 from corral.transports import MemoryTransport
 
 pytestmark = pytest.mark.anyio

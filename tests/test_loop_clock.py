@@ -12,14 +12,14 @@ import pytest
 import trio.testing
 
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
-from corral.core.events import Event, SemanticCacheHit, SemanticCacheMiss
-from corral.core.models import RequestOptions
-from corral.middleware.cache import Cache
-from corral.middleware.deadline import Deadline
-from corral.middleware.metrics import Metrics, Price
-from corral.middleware.retry import Retry
-from corral.middleware.semantic_cache import SemanticCache
-from corral.middleware.truncate import Truncate
+from corral.core._events import Event, SemanticCacheHit, SemanticCacheMiss
+from corral.core._models import RequestOptions
+from corral.middleware._cache import Cache
+from corral.middleware._deadline import Deadline
+from corral.middleware._metrics import Metrics, Price
+from corral.middleware._retry import Retry
+from corral.middleware._semantic_cache import SemanticCache
+from corral.middleware._truncate import Truncate
 from corral.stores import MemoryStore
 from corral.transports import MemoryTransport
 

@@ -158,7 +158,7 @@ async def test_concurrency_limit_caps_in_flight() -> None:
 
 
 async def test_keys_meter_separately() -> None:
-    from corral.middleware.ratelimit import by_credential, by_endpoint
+    from corral.middleware._ratelimit import by_credential, by_endpoint
 
     stack_m = RateLimit(rpm=60, burst_requests=1)
     handler = build_stack([stack_m], MemoryTransport(ok))
@@ -174,7 +174,7 @@ async def test_keys_meter_separately() -> None:
 
 
 async def test_streamed_calls_settle_their_tokens_when_usage_arrives() -> None:
-    from corral.middleware.metrics import Metrics
+    from corral.middleware._metrics import Metrics
 
     events = (
         b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
@@ -246,7 +246,7 @@ async def test_a_hostile_retry_after_pauses_the_key_at_most_max_pause(
 
 
 async def test_default_middleware_passes_max_pause_to_the_rate_limit() -> None:
-    from corral.client import default_middleware
+    from corral._client import default_middleware
 
     calls: list[float] = []
 

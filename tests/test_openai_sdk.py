@@ -10,9 +10,9 @@ import httpx2
 import openai
 import pytest
 
-from corral.client import default_middleware
+from corral._client import default_middleware
 from corral.core import build_stack
-from corral.core.models import Timeouts
+from corral.core._models import Timeouts
 from corral.integrations.httpx_adapter import (
     corral_async_transport,
     corral_sync_transport,

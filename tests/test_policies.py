@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from corral.core import errors
-from corral.middleware.breaker import Allow, BreakerConfig, BreakerPolicy, Refuse, State
-from corral.middleware.concurrency import AIMDPolicy, ConcurrencyConfig
-from corral.middleware.ratelimit import (
+from corral.core import _errors as errors
+from corral.middleware._breaker import Allow, BreakerConfig, BreakerPolicy, Refuse, State
+from corral.middleware._concurrency import AIMDPolicy, ConcurrencyConfig
+from corral.middleware._ratelimit import (
     Cost,
     Delay,
     NoPause,
@@ -21,7 +21,7 @@ from corral.middleware.ratelimit import (
     RateLimitPolicy,
     Reject,
 )
-from corral.middleware.retry import RetryBudget
+from corral.middleware._retry import RetryBudget
 
 arrivals = st.lists(
     st.tuples(st.floats(0, 30, allow_nan=False), st.integers(1, 400)), min_size=1, max_size=80
@@ -112,7 +112,7 @@ def test_budget_never_negative_and_bounds_retries(ops: list[bool], ratio: float)
 def test_aimd_stays_within_bounds(events: list[tuple[bool, int, float]], lo: int, hi: int) -> None:
     policy = AIMDPolicy(ConcurrencyConfig(adaptive=True, minimum=lo, maximum=hi, limit=lo))
     now = 0.0
-    overloaded = errors.RateLimited("x")
+    overloaded = errors.RateLimitError("x")
     for overload, in_flight, dt in events:
         now += dt
         policy.observe(now, overloaded if overload else None, in_flight)
@@ -190,7 +190,7 @@ TestBreaker = BreakerMachine.TestCase
 )
 def test_a_429_pause_is_finite_and_capped(asked: float | None, max_pause: float) -> None:
     pause = PausePolicy(max_pause=max_pause).decide(
-        100.0, errors.RateLimited("x", retry_after=asked)
+        100.0, errors.RateLimitError("x", retry_after=asked)
     )
     assert isinstance(pause, Pause)
     assert 0.0 <= pause.seconds <= max_pause and pause.until == 100.0 + pause.seconds

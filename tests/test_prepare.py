@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from corral.batch.templates import Template, write_requests
+from corral.batch._templates import Template, write_requests
 from corral.cli import main
-from corral.core.errors import InvalidInput
+from corral.core._errors import InvalidInput
 
 ROWS = "id,review\nA1,Great and fast\nA2,Broke in a week\n"
 

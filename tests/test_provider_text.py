@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from corral.client import Client, default_middleware
-from corral.core import errors
+from corral._client import Client, default_middleware
+from corral.core import _errors as errors
 from tests.conftest import CANARY_KEY
 
 pytestmark = pytest.mark.anyio

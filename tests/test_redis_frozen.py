@@ -24,9 +24,9 @@ import pytest
 import redis
 
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
-from corral.middleware.cache import Cache
-from corral.middleware.deadline import Deadline
-from corral.middleware.shared_ratelimit import RateLimitUnavailable, SharedRateLimit
+from corral.middleware._cache import Cache
+from corral.middleware._deadline import Deadline
+from corral.middleware._shared_ratelimit import RateLimitUnavailable, SharedRateLimit
 from corral.stores.redis import RedisStore
 from corral.transports import MemoryTransport
 from tests.conftest import CANARY_KEY
@@ -167,8 +167,8 @@ async def test_a_frozen_quota_falls_back_to_local_or_fails_closed(
 CHILD = """
 import sys, anyio
 from corral.core import Headers, Response, api_request, build_stack
-from corral.middleware.cache import Cache
-from corral.middleware.shared_ratelimit import SharedRateLimit
+from corral.middleware._cache import Cache
+from corral.middleware._shared_ratelimit import SharedRateLimit
 from corral.stores.redis import RedisStore
 from corral.transports import MemoryTransport
 

@@ -17,9 +17,9 @@ from typing import Any
 import anyio
 import pytest
 
-from corral.batch.runner import BatchOptions, BatchRunner
-from corral.client import Client, default_middleware
-from corral.core.models import Timeouts
+from corral._client import Client, default_middleware
+from corral.batch._runner import BatchOptions, BatchRunner
+from corral.core._models import Timeouts
 from corral.testing.emulator import EmulatorConfig, Fault, Latency
 from corral.testing.server import serve_in_thread
 from corral.transports import H11Transport
@@ -165,7 +165,7 @@ def test_sigkill_at_twenty_moments_then_resume_exactly_once(
 async def test_no_secret_in_errors_or_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
     import traceback
 
-    from corral.core import errors
+    from corral.core import _errors as errors
 
     caplog.set_level(logging.DEBUG)
     texts: list[str] = []

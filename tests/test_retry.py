@@ -10,11 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
-from corral.core.events import Event, GaveUp, RetryScheduled
-from corral.core.models import RequestOptions
+from corral.core._events import Event, GaveUp, RetryScheduled
+from corral.core._models import RequestOptions
 from corral.middleware import Deadline, Retry, RetryPolicy
-from corral.middleware.retry import GiveUp as GiveUpDecision
-from corral.middleware.retry import RetryAfter
+from corral.middleware._retry import GiveUp as GiveUpDecision
+from corral.middleware._retry import RetryAfter
 from corral.transports import MemoryTransport
 from tests.strategies import api_errors, jitters, retry_hints
 
@@ -97,7 +97,7 @@ def test_a_server_s_verdict_decides_else_the_error_kind(
 
 
 def test_client_errors_are_never_retried_and_the_budget_runs_out() -> None:
-    from corral.middleware.retry import RetryBudget
+    from corral.middleware._retry import RetryBudget
 
     policy = RetryPolicy()
     for error in (

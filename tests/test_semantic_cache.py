@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from corral.client import Client, default_middleware
-from corral.middleware.semantic_cache import SemanticCache, cosine
+from corral._client import Client, default_middleware
+from corral.middleware._semantic_cache import SemanticCache, cosine
 from corral.testing.server import RunningEmulator
 from tests.conftest import CANARY_KEY
 

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
-from corral.middleware.shared_ratelimit import RateLimitUnavailable, SharedRateLimit
+from corral.middleware._shared_ratelimit import RateLimitUnavailable, SharedRateLimit
 from corral.testing.emulator import EmulatorConfig
 from corral.testing.server import serve_in_thread
 from corral.transports import MemoryTransport
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.anyio
 CHILD = """
 import sys, time, anyio
 from corral.core import api_request, build_stack
-from corral.middleware.shared_ratelimit import SharedRateLimit
+from corral.middleware._shared_ratelimit import SharedRateLimit
 from corral.transports import H11Transport
 
 redis_url, name, base_url, start_at, end_at = sys.argv[1:6]

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral.core import errors
-from corral.core.sse import DEFAULT_MAX_EVENT_SIZE, SSEEvent, SSEParser
-from corral.core.wire import UsageWatcher
+from corral.core import _errors as errors
+from corral.core._sse import DEFAULT_MAX_EVENT_SIZE, SSEEvent, SSEParser
+from corral.core._wire import UsageWatcher
 
 
 def parse_all(chunks: list[bytes]) -> list[SSEEvent]:

@@ -12,11 +12,12 @@ import anyio
 import pytest
 import trustme
 
-from corral.core import api_request, decode_chat, decode_models, errors
-from corral.core.compose import build_stack
-from corral.core.models import Timeouts
-from corral.core.wire import ChatStreamDecoder
-from corral.middleware.deadline import Deadline
+from corral.core import _errors as errors
+from corral.core import api_request, decode_chat, decode_models
+from corral.core._compose import build_stack
+from corral.core._models import Timeouts
+from corral.core._wire import ChatStreamDecoder
+from corral.middleware._deadline import Deadline
 from corral.testing.emulator import EmulatorConfig, Fault, Latency
 from corral.testing.server import RunningEmulator, ServerLimits, serve_in_thread
 from tests import hostile
@@ -169,7 +170,7 @@ async def test_pool_timeout(transport_name: str, transport_factory: TransportFac
             max_connections=1, timeouts=Timeouts(connect=2, read=2, write=2, pool=0.2)
         )
         held = await t(chat(emu.base_url, stream=True))  # a slow stream holds the one slot
-        expected = errors.TimeoutError_ if transport_name == "aiohttp" else errors.PoolTimeout
+        expected = errors.APITimeoutError if transport_name == "aiohttp" else errors.PoolTimeout
         with anyio.fail_after(3), pytest.raises(expected):
             await t(chat(emu.base_url))
         await held.aclose()
@@ -229,7 +230,7 @@ async def test_aiohttp_refuses_trio_clearly(
 ) -> None:
     if anyio_backend != "trio":
         pytest.skip("trio only")
-    from corral.transports.aiohttp_transport import AiohttpTransport
+    from corral.transports._aiohttp_transport import AiohttpTransport
 
     with pytest.raises(errors.InvalidInput, match="only under asyncio"):
         await AiohttpTransport()(chat(emulator.base_url))
@@ -289,7 +290,7 @@ async def test_redirects_are_not_followed_so_the_key_stays_home(
 async def test_h11_resends_once_on_a_pooled_connection_found_dead(
     monkeypatch: pytest.MonkeyPatch, anyio_backend: object
 ) -> None:
-    from corral.transports import http11
+    from corral.transports import _http11 as http11
 
     # Skip the idle check, so the pooled socket the server has closed is really used.
     monkeypatch.setattr(http11._Connection, "looks_closed", lambda self: False)

@@ -9,18 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral.client import Client, default_middleware
+from corral._client import Client, default_middleware
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
-from corral.core.events import Event, Truncated
-from corral.core.models import RequestOptions
-from corral.core.tokens import (
+from corral.core._events import Event, Truncated
+from corral.core._models import RequestOptions
+from corral.core._tokens import (
     BPECounter,
     EstimatingCounter,
     count_messages,
     counter_for_model,
     encoding_for_model,
 )
-from corral.middleware.truncate import Fits, Fitted, TooLong, Truncate, fit_messages
+from corral.middleware._truncate import Fits, Fitted, TooLong, Truncate, fit_messages
 from corral.testing.server import RunningEmulator
 from corral.transports import MemoryTransport
 from tests.conftest import CANARY_KEY

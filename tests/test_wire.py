@@ -18,7 +18,7 @@ from corral.core import (
     decode_embeddings,
     errors,
 )
-from corral.core.wire import ChatAccumulator
+from corral.core._wire import ChatAccumulator
 from tests.conftest import CANARY_KEY
 
 
@@ -170,7 +170,7 @@ def test_request_and_response_are_immutable() -> None:
 
 @given(st.lists(st.integers(min_value=0), max_size=12))
 def test_usage_watcher_finds_usage_in_any_split(cuts: list[int]) -> None:
-    from corral.core.wire import UsageWatcher
+    from corral.core._wire import UsageWatcher
 
     raw = stream_bytes(["a", "b", "c"])
     points = sorted({c % (len(raw) + 1) for c in cuts})
@@ -187,8 +187,8 @@ def test_usage_watcher_finds_usage_in_any_split(cuts: list[int]) -> None:
 def test_a_shared_stream_parse_is_the_same_in_any_split(cuts: list[int], strict: bool) -> None:
     """One parse per stream: the chunks, the usage (on the call too, its listener called once)
     and completeness do not depend on where the bytes were cut."""
-    from corral.core.call import Call
-    from corral.core.wire import StreamParse
+    from corral.core._call import Call
+    from corral.core._wire import StreamParse
 
     raw = stream_bytes(["a", "b", "c"])
     points = sorted({c % (len(raw) + 1) for c in cuts})
@@ -209,7 +209,7 @@ def test_a_shared_stream_parse_is_the_same_in_any_split(cuts: list[int], strict:
 
 
 def test_a_stream_parse_judges_events_only_when_asked() -> None:
-    from corral.core.wire import StreamParse
+    from corral.core._wire import StreamParse
 
     for bad in (b'{"choices": 5}', b"not json", b'{"error": "x"}'):
         raw = b"data: " + bad + b"\n\ndata: [DONE]\n\n"

@@ -1,6 +1,8 @@
 """The sans-IO core: values, wire format, SSE, errors. No sockets, no sleeping, no clock."""
 
-from corral.core.classify import (
+from corral.core import _errors as errors
+from corral.core import _events as events
+from corral.core._classify import (
     RateLimitHeaders,
     classify,
     parse_duration,
@@ -8,11 +10,11 @@ from corral.core.classify import (
     parse_retry_after,
     parse_should_retry,
 )
-from corral.core.compose import Clock, Handler, Middleware, build_stack
-from corral.core.errors import *  # noqa: F403 - the error tree is part of the core API
-from corral.core.errors import __all__ as _error_names
-from corral.core.headers import Headers
-from corral.core.models import (
+from corral.core._compose import Clock, Handler, Middleware, build_stack
+from corral.core._errors import *  # noqa: F403 - the error tree is part of the core API
+from corral.core._errors import __all__ as _error_names
+from corral.core._headers import Headers
+from corral.core._models import (
     ByteStream,
     CacheMode,
     Request,
@@ -21,8 +23,8 @@ from corral.core.models import (
     Timeouts,
     Timing,
 )
-from corral.core.sse import SSEEvent, SSEParser
-from corral.core.wire import (
+from corral.core._sse import SSEEvent, SSEParser
+from corral.core._wire import (
     ChatChunk,
     ChatCompletion,
     ChatStreamDecoder,
@@ -63,6 +65,8 @@ __all__ = [
     "decode_embeddings",
     "decode_json",
     "decode_models",
+    "errors",
+    "events",
     "parse_duration",
     "parse_rate_limit_headers",
     "parse_retry_after",

@@ -23,9 +23,10 @@ from typing import Any
 
 import anyio.from_thread
 
-from corral.core import errors, jsonlib
-from corral.core.compose import Handler
-from corral.core.models import Request, RequestOptions, Response, Timeouts
+from corral.core import _errors as errors
+from corral.core import _jsonlib as jsonlib
+from corral.core._compose import Handler
+from corral.core._models import Request, RequestOptions, Response, Timeouts
 
 __all__ = [
     "corral_async_transport",

@@ -14,11 +14,11 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from corral.core.compose import Handler
-from corral.core.errors import CorralError
-from corral.core.events import Event, event_fields
-from corral.core.models import Request, Response
-from corral.core.wire import response_usage
+from corral.core._compose import Handler
+from corral.core._errors import CorralError
+from corral.core._events import Event, event_fields
+from corral.core._models import Request, Response
+from corral.core._wire import response_usage
 
 __all__ = ["Tracing", "span_events"]
 

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from corral.middleware.metrics import Aggregator
+from corral.middleware._metrics import Aggregator
 
 __all__ = ["AggregatorCollector", "register"]
 

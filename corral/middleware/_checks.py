@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from corral.core.errors import InvalidInput
+from corral.core._errors import InvalidInput
 
 __all__ = ["at_least", "between", "finite", "never", "optional"]
 

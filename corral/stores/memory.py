@@ -1,7 +1,7 @@
 """``MemoryStore``: an LRU bounded by entry count and by total bytes, with TTLs.
 
 Its calls never wait, so every few of them take a checkpoint (``Pacer``): a loop of reads
-still honours cancellation. Expiry is on the event loop's clock (``corral.clock``), so trio's
+still honours cancellation. Expiry is on the event loop's clock (``corral._clock``), so trio's
 ``MockClock`` drives it in tests.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from corral.clock import current_time
-from corral.core.errors import InvalidInput
-from corral.pacing import Pacer
+from corral._clock import current_time
+from corral._pacing import Pacer
+from corral.core._errors import InvalidInput
 
 __all__ = ["MemoryStore"]
 

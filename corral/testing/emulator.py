@@ -19,8 +19,8 @@ from typing import Any
 
 import attrs
 
-from corral.core import jsonlib
-from corral.core.tokens import (
+from corral.core import _jsonlib as jsonlib
+from corral.core._tokens import (
     CONTEXT_WINDOWS,
     EstimatingCounter,
     count_messages,

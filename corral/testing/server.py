@@ -32,7 +32,7 @@ from typing import NamedTuple, cast
 
 import attrs
 
-from corral.core import jsonlib
+from corral.core import _jsonlib as jsonlib
 from corral.testing.emulator import Emulator, EmulatorConfig, Fault, Plan
 
 __all__ = ["RunningEmulator", "ServerLimits", "serve_forever", "serve_in_thread"]

@@ -10,11 +10,11 @@ from __future__ import annotations
 import anyio
 import attrs
 
-from corral.clock import current_time
-from corral.core.compose import Clock
-from corral.core.errors import ReadError, ReadTimeout
-from corral.core.headers import Headers
-from corral.core.models import Request, Response
+from corral._clock import current_time
+from corral.core._compose import Clock
+from corral.core._errors import ReadError, ReadTimeout
+from corral.core._headers import Headers
+from corral.core._models import Request, Response
 from corral.testing.emulator import Emulator, EmulatorConfig, Fault
 
 __all__ = ["SimulatedProvider"]

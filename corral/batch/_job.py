@@ -1,0 +1,403 @@
+"""A batch job as one typed value, and the one function that runs it.
+
+``BatchJob`` holds everything ``corral run`` can be told; ``run_job`` checks the paths, takes
+the run lock, checks the manifest, builds the client stack, runs the batch with progress and
+signals, and returns a ``JobResult`` with the exit code and the summary. The CLI only turns
+arguments into a ``BatchJob``; the demo and scripts build one directly::
+
+    result = anyio.run(run_job, BatchJob(Path("in.jsonl"), Path("out.jsonl"), rpm=500))
+
+Exit codes (``ExitCode``): 0 every line succeeded; 1 the output holds failures, or the run
+stopped for an outage or an output error (rerun to resume); 2 refused before sending, or
+stopped because every call would fail the same way (a bad key, an unknown model or URL);
+130 interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import sqlite3
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+import attrs
+
+from corral._client import Client, default_middleware, resolve_api_key
+from corral.batch._health import ProviderHealth
+from corral.batch._lock import RunLock
+from corral.batch._manifest import Manifest, check_manifest, record_manifest
+from corral.batch._paths import check_input, check_output
+from corral.batch._progress import ProgressView, format_summary, summary_dict
+from corral.batch._runner import BatchOptions, BatchReport, BatchRunner, Preflight, preflight
+from corral.batch._store import ScanResult, scan_output
+from corral.core._errors import InvalidInput
+from corral.core._events import EventSink, TransportResent
+from corral.core._models import Timeouts
+from corral.middleware._cache import Cache
+from corral.middleware._retry import Retry
+from corral.middleware._truncate import Truncate
+from corral.observe import TraceFile, fan_out
+from corral.transports._base import Transport
+
+__all__ = ["BatchJob", "ExitCode", "JobResult", "run_job"]
+
+log = logging.getLogger("corral.batch")
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILED = 1
+    REFUSED = 2
+    INTERRUPTED = 130
+
+
+TRANSPORTS = ("h11", "httpx", "httpx2", "aiohttp")
+
+
+@attrs.frozen
+class BatchJob:
+    """Everything a batch run needs. Keys only by environment variable name, or ``api_key``."""
+
+    input: Path
+    output: Path
+    base_url: str | None = None
+    api_key: str | None = attrs.field(default=None, repr=False)
+    #: The environment variable holding the key (default: CORRAL_API_KEY, then OPENAI_API_KEY).
+    api_key_env: str | None = None
+    model: str | None = None
+    shard: tuple[int, int] | None = None
+    strict: bool = False
+    retry_failed: bool = False
+    force_resume: bool = False
+    allow_failures: bool = False
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int = 64
+    retries: int = 4
+    retry_budget: float = 0.2
+    timeout: float = 600.0
+    max_outage: float = 600.0
+    #: Longest pause a 429's Retry-After may impose on the whole quota.
+    max_pause: float = 60.0
+    cache: Path | None = None
+    redis: str | None = None
+    cache_ttl: float = 7 * 24 * 3600.0
+    truncate: bool = False
+    quota_redis: str | None = None
+    quota_name: str = "default"
+    transport: str = "h11"
+    progress: bool = True
+    json_summary: bool = False
+    handle_signals: bool = True
+    #: The command that resumes this run, printed when it stops early (no secrets in it).
+    resume_command: str | None = None
+    #: Append every decision (waits, retries, pauses, cache, breaker) to this JSONL file.
+    trace: Path | None = None
+
+    @property
+    def options(self) -> BatchOptions:
+        return BatchOptions(
+            input=self.input,
+            output=self.output,
+            concurrency=self.concurrency,
+            strict=self.strict,
+            retry_failed=self.retry_failed,
+            model=self.model,
+            shard=self.shard,
+            max_outage=self.max_outage,
+        )
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, naming the flag."""
+        checks = [
+            (self.concurrency >= 1, "--concurrency must be at least 1"),
+            (self.retries >= 0, "--retries must be 0 or more"),
+            (_finite(self.retry_budget) and self.retry_budget >= 0, "--retry-budget must be >= 0"),
+            (_finite(self.timeout) and self.timeout > 0, "--timeout must be a positive number"),
+            (
+                _finite(self.max_outage) and self.max_outage >= 0,
+                "--max-outage must be 0 or more seconds",
+            ),
+            (_finite(self.max_pause) and self.max_pause >= 0, "--max-pause must be >= 0"),
+            (self.rpm is None or self.rpm >= 1, "--rpm must be at least 1"),
+            (self.tpm is None or self.tpm >= 1, "--tpm must be at least 1"),
+            (self.transport in TRANSPORTS, f"--transport must be one of {', '.join(TRANSPORTS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInput(message)
+
+
+def _finite(value: float) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
+@attrs.frozen
+class JobResult:
+    exit_code: ExitCode
+    report: BatchReport
+    summary: dict[str, Any]
+
+
+@contextmanager
+def needs_extra(extra: str, what: str) -> Iterator[None]:
+    """Turn the ImportError of a missing optional dependency into the pip command to run."""
+    try:
+        yield
+    except ImportError as exc:
+        raise InvalidInput(
+            f"{what} needs the {extra!r} extra ({exc.name or exc}): pip install 'corral[{extra}]'"
+        ) from None
+
+
+def _transport(name: str, timeout: float) -> Transport:
+    timeouts = Timeouts(connect=10, read=timeout, write=30, pool=timeout)
+    if name in ("httpx", "httpx2"):
+        with needs_extra(name, f"--transport {name}"):
+            from corral.transports._httpx_transport import HttpxTransport
+
+            return HttpxTransport(package=name, timeouts=timeouts, max_connections=1000)
+    if name == "aiohttp":
+        with needs_extra("aiohttp", "--transport aiohttp"):
+            from corral.transports._aiohttp_transport import AiohttpTransport
+
+            return AiohttpTransport(timeouts=timeouts, max_connections=1000)
+    from corral.transports._http11 import H11Transport
+
+    return H11Transport(timeouts=timeouts, max_connections=1000)
+
+
+def _cache(job: BatchJob) -> Cache | None:
+    if job.redis:
+        with needs_extra("redis", "--redis"):
+            from corral.stores.redis import RedisStore
+
+            return Cache(RedisStore(job.redis), ttl=job.cache_ttl)
+    if job.cache:
+        from corral.stores import SQLiteStore
+
+        _check_sqlite(job.cache)
+        return Cache(SQLiteStore(job.cache), ttl=job.cache_ttl)
+    return None
+
+
+def _check_sqlite(path: Path) -> None:
+    """A corrupt or foreign --cache file is refused up front, not on the first hit."""
+    if not path.exists():
+        return
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise InvalidInput(
+            f"--cache {path}: not a usable SQLite cache ({exc}); delete it or pick another file"
+        ) from None
+    finally:
+        db.close()
+
+
+def _middleware(job: BatchJob) -> list[Any]:
+    stack: list[Any] = default_middleware(
+        rpm=None if job.quota_redis else job.rpm,
+        tpm=None if job.quota_redis else job.tpm,
+        concurrency=job.concurrency,
+        max_attempts=job.retries + 1,
+        timeout=job.timeout,
+        retry_budget=job.retry_budget,
+        max_pause=job.max_pause,
+        cache=_cache(job),
+        truncate=Truncate() if job.truncate else None,
+    )
+    if job.quota_redis:  # the shared limiter takes the local one's place, outside ConcurrencyLimit
+        with needs_extra("redis", "--quota-redis"):
+            from corral.middleware._shared_ratelimit import SharedRateLimit
+
+            shared = SharedRateLimit(
+                job.quota_redis,
+                name=job.quota_name,
+                rpm=job.rpm,
+                tpm=job.tpm,
+                max_pause=job.max_pause,
+            )
+        stack.insert(len(stack) - 1, shared)
+    return stack
+
+
+def _api_key(job: BatchJob) -> str:
+    if job.api_key is not None:
+        return resolve_api_key(job.api_key)
+    env = job.api_key_env
+    where = f"set {env}" if env else "set OPENAI_API_KEY (or CORRAL_API_KEY)"
+    flag = "" if env else ", or name another variable with --api-key-env NAME"
+    return resolve_api_key(
+        None, env, hint=f"{where}, e.g. `export {env or 'OPENAI_API_KEY'}=sk-...`{flag}"
+    )
+
+
+async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
+    """Run ``job`` to completion (or to a stop); raise ``InvalidInput`` for refused input."""
+    err = stderr or sys.stderr
+    job.validate()
+    check_input(job.input)
+    output = check_output(job.output, input=job.input)
+    options = attrs.evolve(job.options, output=output)
+    api_key = _api_key(job)
+    with RunLock(output):
+        pre = preflight(options)
+        for bad in pre.bad:
+            print(f"corral: bad line {bad.where(options.input)}: {bad.reason}", file=err)
+        if pre.bad_count > len(pre.bad):
+            print(f"corral: ... and {pre.bad_count - len(pre.bad)} more bad lines", file=err)
+        counted: Counter[str] = Counter()
+        trace = TraceFile(job.trace) if job.trace is not None else None
+        sinks: list[EventSink] = [lambda event: counted.update((event.name,))]
+        client = Client(
+            job.base_url,
+            api_key,
+            transport=_transport(job.transport, job.timeout),
+            middleware=_middleware(job),
+            events=fan_out(*sinks, *([trace] if trace else [])),
+        )
+        try:
+            manifest = Manifest(
+                input_digest=pre.digest,
+                input_size=pre.size,
+                positional_ids=pre.positional_ids,
+                model=job.model,
+                base_url=client.base_url,
+                shard=job.shard,
+            )
+            resuming = output.exists() and output.stat().st_size > 0
+            check_manifest(output, manifest, resuming=resuming, force=job.force_resume)
+            scan = scan_output(output, drop_failures=job.retry_failed)
+            record_manifest(output, manifest)
+        except BaseException:
+            await client.aclose()
+            if trace is not None:
+                trace.close()
+            raise
+        runner = BatchRunner(client, options, health=ProviderHealth(max_outage=job.max_outage))
+        started = time.monotonic()
+        try:
+            await _drive(job, runner, client, pre, scan, err)
+        finally:
+            if trace is not None:
+                trace.close()
+        return _finish(job, runner, client, counted, time.monotonic() - started, err)
+
+
+async def _drive(
+    job: BatchJob,
+    runner: BatchRunner,
+    client: Client,
+    pre: Preflight,
+    scan: ScanResult,
+    err: TextIO,
+) -> None:
+    view = ProgressView(pre.total, enabled=job.progress, stream=err)
+
+    async def watch_signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            count = 0
+            async for _ in signals:
+                count += 1
+                if count == 1:
+                    print(
+                        f"\ncorral: stopping; {runner.in_flight} in flight may finish "
+                        "(Ctrl-C again to stop now)",
+                        file=err,
+                    )
+                    runner.stop()
+                else:
+                    runner.abort()
+
+    async def draw() -> None:
+        while True:
+            view.update(runner, now=anyio.current_time())
+            await anyio.sleep(0.2)
+
+    try:
+        async with client, anyio.create_task_group() as tg:
+            if job.handle_signals:
+                tg.start_soon(watch_signals)
+            tg.start_soon(draw)
+            await runner.run(pre, scan)
+            tg.cancel_scope.cancel()
+    finally:
+        view.update(runner, now=anyio.current_time(), force=True)
+        view.close()
+
+
+def _finish(
+    job: BatchJob,
+    runner: BatchRunner,
+    client: Client,
+    events: Counter[str],
+    elapsed: float,
+    err: TextIO,
+) -> JobResult:
+    report = runner.report
+    retry = next((m for m in client.middleware if isinstance(m, Retry)), None)
+    limiter_wait = sum(getattr(m, "waited", 0.0) for m in client.middleware)
+    resends = events[TransportResent.name]
+    summary = summary_dict(
+        report,
+        client.metrics.snapshot() if client.metrics is not None else None,
+        elapsed,
+        dict(retry.retries) if retry is not None else {},
+        limiter_wait_total=limiter_wait,
+        transport_resends=resends,
+    )
+    if job.json_summary:
+        print(_json(summary))
+    else:
+        print(f"\ncorral run summary ({job.output})\n{format_summary(summary)}", file=err)
+    return JobResult(_exit_code(job, report, err), report, summary)
+
+
+def _json(summary: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(summary, indent=2)
+
+
+def _exit_code(job: BatchJob, report: BatchReport, err: TextIO) -> ExitCode:
+    resume = job.resume_command or f"corral run {job.input} -o {job.output}"
+    if report.stopped is not None and report.stopped.fatal:
+        print(
+            f"corral: stopped: {report.stopped.reason}. Nothing more was sent and no record was "
+            f"written for the unsent lines; after the fix, rerun to resume:\n  {resume}",
+            file=err,
+        )
+        return ExitCode.REFUSED
+    if report.output_error is not None:
+        print(
+            f"corral: stopped: {report.output_error}. {report.records_in_file}"
+            f" results are safely in {job.output}; free space and rerun to resume:\n  {resume}",
+            file=err,
+        )
+        return ExitCode.FAILED
+    if report.stopped is not None:
+        print(f"corral: stopped: {report.stopped.reason}; rerun to resume:\n  {resume}", file=err)
+        return ExitCode.FAILED
+    if report.interrupted:
+        print(f"corral: interrupted; rerun the same command to resume:\n  {resume}", file=err)
+        return ExitCode.INTERRUPTED
+    failed = sum(report.file_failed.values())
+    if failed and not job.allow_failures:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.file_failed.items()))
+        print(
+            f"corral: {job.output} holds {failed} failed request(s) ({kinds}); see their error "
+            f"field, then rerun them with --retry-failed:\n  {resume} --retry-failed",
+            file=err,
+        )
+        return ExitCode.FAILED
+    return ExitCode.OK

@@ -1,0 +1,49 @@
+"""How layers fit together: a handler maps a Request to a Response; a middleware wraps one.
+
+A middleware is any callable ``(request, call_next) -> Awaitable[Response]``; plain ``async def``
+functions work. ``build_stack`` composes a list once, outermost first, into a single handler.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from corral.core._events import EventSink
+from corral.core._models import Request, Response
+
+__all__ = ["Clock", "Handler", "Middleware", "build_stack"]
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+#: Returns the current time in seconds (``corral._clock.current_time``).
+Clock = Callable[[], float]
+
+
+class Middleware(Protocol):
+    def __call__(self, request: Request, call_next: Handler) -> Awaitable[Response]: ...
+
+
+def build_stack(
+    middleware: Sequence[Middleware], transport: Handler, *, events: EventSink | None = None
+) -> Handler:
+    """Compose ``middleware`` (outermost first) around ``transport`` into one handler.
+
+    ``events``: the stack's one sink; every call through the handler reports its decisions
+    there (unless the call already carries a sink of its own).
+    """
+    handler = transport
+    for layer in reversed(middleware):
+        handler = functools.partial(layer, call_next=handler)
+    if events is None:
+        return handler
+    inner = handler
+
+    async def with_sink(request: Request) -> Response:
+        call = request.options.call
+        if call.sink is None:
+            call.sink = events
+        return await inner(request)
+
+    return with_sink

@@ -1,0 +1,610 @@
+"""The OpenAI-compatible wire format: build ``Request``s, decode ``Response``s into typed results.
+
+Request bodies pass through untouched (tools, response_format, stream_options, anything a
+provider adds); only what corral itself needs is read from them. Decoding keeps the raw JSON
+next to the typed fields so nothing the provider sent is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import attrs
+
+from corral.core import _jsonlib as jsonlib
+from corral.core._call import Call
+from corral.core._classify import classify, snippet
+from corral.core._errors import (
+    CorralError,
+    MalformedResponse,
+    RemoteProtocolError,
+    ResponseTooLarge,
+)
+from corral.core._headers import Headers
+from corral.core._models import ByteStream, Request, RequestOptions, Response
+from corral.core._sse import SSEParser
+
+__all__ = [
+    "ChatChunk",
+    "ChatCompletion",
+    "ChatStreamDecoder",
+    "Choice",
+    "Embeddings",
+    "Message",
+    "ParsedStream",
+    "StreamParse",
+    "Usage",
+    "UsageWatcher",
+    "api_request",
+    "decode_chat",
+    "decode_embeddings",
+    "decode_json",
+    "decode_models",
+    "raise_for_status",
+    "response_usage",
+    "shared_parse",
+]
+
+
+def _join(base_url: str, path: str) -> str:
+    return base_url.rstrip("/") + "/" + path.lstrip("/")
+
+
+def api_request(
+    base_url: str,
+    path: str,
+    body: Mapping[str, Any] | None,
+    *,
+    api_key: str | None,
+    extra_headers: Mapping[str, str] | None = None,
+    options: RequestOptions | None = None,
+) -> Request:
+    """A POST (or GET when ``body`` is None) to ``base_url + path`` with JSON and Bearer auth."""
+    headers: list[tuple[str, str]] = [("accept", "application/json")]
+    if api_key:
+        headers.append(("authorization", f"Bearer {api_key}"))
+    if body is not None:
+        headers.append(("content-type", "application/json"))
+    if extra_headers:
+        headers.extend(extra_headers.items())
+    opts = options or RequestOptions()
+    if body is not None:
+        stream = bool(body.get("stream"))
+        model = body.get("model")
+        opts = attrs.evolve(
+            opts,
+            stream=stream or opts.stream,
+            model=opts.model or (model if isinstance(model, str) else None),
+        )
+        if stream:
+            headers[0] = ("accept", "text/event-stream")
+    return Request(
+        method="GET" if body is None else "POST",
+        url=_join(base_url, path),
+        headers=Headers(headers),
+        body=b"" if body is None else jsonlib.dumps(body),
+        options=opts,
+    )
+
+
+def raise_for_status(
+    response: Response, *, secrets: Iterable[str] = (), url: str | None = None
+) -> None:
+    """Raise the typed error a buffered error response stands for (``classify`` says how
+    ``secrets`` and ``url`` are used)."""
+    error = classify(response.status, response.headers, response.body, secrets=secrets, url=url)
+    if error is not None:
+        raise error
+
+
+def decode_json(response: Response, *, secrets: Iterable[str] = ()) -> Mapping[str, Any]:
+    """The JSON object of a buffered success; errors and bad bodies raise typed errors.
+
+    ``secrets``: the request's credentials, scrubbed from any body text an error quotes.
+    """
+    raise_for_status(response, secrets=secrets)
+    try:
+        data = response.json()
+    except jsonlib.JSONDecodeError as exc:
+        preview = snippet(response.body, secrets, 80)
+        raise MalformedResponse(
+            f"HTTP {response.status} body is not JSON ({exc.__class__.__name__}): {preview}",
+            status=response.status,
+        ) from None
+    if not isinstance(data, Mapping):
+        raise MalformedResponse(
+            f"HTTP {response.status} body is JSON {type(data).__name__}, expected an object",
+            status=response.status,
+        )
+    return data
+
+
+class Usage(NamedTuple):
+    """Token counts of one call. A NamedTuple: built on every response, so it must be cheap."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def parse(cls, raw: Any) -> Usage | None:
+        if type(raw) is not dict and not isinstance(raw, Mapping):  # dict first: ABC checks cost
+            return None
+        # ``type(x) is int`` rather than isinstance: a bool is not a count (and this is hot).
+        prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+        total = raw.get("total_tokens")
+        prompt = prompt if type(prompt) is int else 0
+        completion = completion if type(completion) is int else 0
+        return cls(prompt, completion, total if type(total) is int else prompt + completion)
+
+
+def response_usage(response: Response) -> Usage | None:
+    """The ``usage`` of a buffered JSON response (parsed once, shared by every layer)."""
+    if response.stream is not None or b'"usage"' not in response.body:
+        return None
+    cache = response._parsed
+    if "usage" not in cache:
+        try:
+            data = response.json()
+        except jsonlib.JSONDecodeError:
+            data = None
+        cache["usage"] = Usage.parse(data.get("usage")) if type(data) is dict else None
+    usage: Usage | None = cache["usage"]
+    return usage
+
+
+@attrs.frozen
+class Message:
+    role: str
+    content: str | None
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+
+
+@attrs.frozen
+class Choice:
+    index: int
+    message: Message
+    finish_reason: str | None
+
+
+@attrs.frozen
+class ChatCompletion:
+    id: str
+    model: str
+    choices: tuple[Choice, ...]
+    usage: Usage | None
+    raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The first choice's content, or "" when it has none (a tool call, say)."""
+        return (self.choices[0].message.content or "") if self.choices else ""
+
+
+def _str(value: Any, default: str = "") -> str:
+    return value if isinstance(value, str) else default
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _items(value: Any) -> tuple[Mapping[str, Any], ...]:
+    return tuple(value) if isinstance(value, list) else ()
+
+
+def _index(choice: Mapping[str, Any], position: int) -> int:
+    index = choice.get("index")
+    return index if isinstance(index, int) else position
+
+
+def _field_error(what: str, field: str) -> MalformedResponse:
+    return MalformedResponse(f"{what}: field {field!r} is missing or has the wrong type")
+
+
+def _choices(raw: Any, what: str) -> list[Mapping[str, Any]]:
+    if not isinstance(raw, list) or not all(isinstance(c, Mapping) for c in raw):
+        raise _field_error(what, "choices")
+    return raw
+
+
+def parse_chat(data: Mapping[str, Any]) -> ChatCompletion:
+    choices = []
+    for i, raw in enumerate(_choices(data.get("choices"), "chat completion")):
+        msg = raw.get("message")
+        if not isinstance(msg, Mapping):
+            raise _field_error("chat completion", f"choices[{i}].message")
+        content = msg.get("content")
+        calls = msg.get("tool_calls")
+        choices.append(
+            Choice(
+                index=_index(raw, i),
+                message=Message(
+                    role=_str(msg.get("role"), "assistant"),
+                    content=_opt_str(content),
+                    tool_calls=_items(calls),
+                ),
+                finish_reason=_opt_str(raw.get("finish_reason")),
+            )
+        )
+    return ChatCompletion(
+        id=_str(data.get("id")),
+        model=_str(data.get("model")),
+        choices=tuple(choices),
+        usage=Usage.parse(data.get("usage")),
+        raw=data,
+    )
+
+
+def decode_chat(response: Response, *, secrets: Iterable[str] = ()) -> ChatCompletion:
+    return parse_chat(decode_json(response, secrets=secrets))
+
+
+@attrs.frozen
+class Delta:
+    role: str | None = None
+    content: str | None = None
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+
+
+@attrs.frozen
+class ChunkChoice:
+    index: int
+    delta: Delta
+    finish_reason: str | None
+
+
+@attrs.frozen
+class ChatChunk:
+    id: str
+    model: str
+    choices: tuple[ChunkChoice, ...]
+    usage: Usage | None
+    raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
+
+    @property
+    def text(self) -> str:
+        return "".join(c.delta.content or "" for c in self.choices)
+
+
+def parse_chunk(data: Mapping[str, Any]) -> ChatChunk:
+    choices = []
+    for i, raw in enumerate(_choices(data.get("choices", []), "chat chunk")):
+        delta = raw.get("delta") if isinstance(raw.get("delta"), Mapping) else {}
+        assert isinstance(delta, Mapping)
+        calls = delta.get("tool_calls")
+        role, content = delta.get("role"), delta.get("content")
+        choices.append(
+            ChunkChoice(
+                index=_index(raw, i),
+                delta=Delta(
+                    role=_opt_str(role), content=_opt_str(content), tool_calls=_items(calls)
+                ),
+                finish_reason=_opt_str(raw.get("finish_reason")),
+            )
+        )
+    return ChatChunk(
+        id=_str(data.get("id")),
+        model=_str(data.get("model")),
+        choices=tuple(choices),
+        usage=Usage.parse(data.get("usage")),
+        raw=data,
+    )
+
+
+class StreamParse:
+    """One chat stream's SSE, parsed once for every layer that watches it and for the caller.
+
+    Sans-IO: ``ParsedStream`` feeds it the bytes as they pass. Watchers subscribe before the
+    first byte flows (layers do so on the way out, the caller before it reads): ``on_usage``
+    (rate-limit settlement, metrics; ``call.usage`` is set too), ``keep_chunks`` (the caller's
+    decoder: events kept as decoded JSON until ``take``), ``check_events`` (the cache: is every
+    event a JSON object?). Without the last two only events that mention ``"usage"`` are
+    decoded. Each event is JSON-decoded at most once, however many watch.
+
+    Feeding never raises: a stream it cannot read still reaches whoever reads the bytes. What
+    was wrong is kept, and ``error(secrets)`` turns it into the typed error for the reader.
+    """
+
+    __slots__ = ("_bad", "_call", "_chunks", "_listeners", "_sse", "_strict", "done", "usage")
+
+    def __init__(self, call: Call | None = None) -> None:
+        self._sse: SSEParser | None = SSEParser()
+        self._call = call
+        self._listeners: list[Callable[[Usage], None]] = []
+        self._chunks: list[dict[str, Any]] | None = None
+        self._strict = False
+        #: What was wrong: an error quoting nothing, or (what, provider text to quote).
+        self._bad: CorralError | tuple[str, str] | None = None
+        #: ``data: [DONE]`` arrived: the stream is complete (if nothing was wrong).
+        self.done = False
+        self.usage: Usage | None = None
+
+    def on_usage(self, listener: Callable[[Usage], None]) -> None:
+        """Call ``listener`` once, when the stream states its usage."""
+        self._listeners.append(listener)
+
+    def keep_chunks(self) -> None:
+        """Keep every event for ``take`` (the caller reading chunks)."""
+        self._strict = True
+        if self._chunks is None:
+            self._chunks = []
+
+    def check_events(self) -> None:
+        """Decode every event, so ``complete`` also means each one was a JSON object."""
+        self._strict = True
+
+    @property
+    def complete(self) -> bool:
+        """The stream reached ``[DONE]`` and nothing in it was wrong."""
+        return self.done and self._bad is None
+
+    def feed(self, data: bytes) -> None:
+        sse = self._sse
+        if sse is None:
+            return
+        try:
+            events = sse.feed(data)
+        except ResponseTooLarge as exc:
+            self._sse, self._bad = None, exc
+            return
+        for event in events:
+            if not self._event(event.data):
+                self._sse = None  # [DONE], or a stream it cannot read: nothing more to parse
+                return
+
+    def close(self) -> None:
+        """The bytes ended (an event with no blank line after it is dropped, as SSE says)."""
+        sse, self._sse = self._sse, None
+        if sse is not None:
+            for event in sse.close():
+                if not self._event(event.data):
+                    return
+
+    def _event(self, data: str) -> bool:
+        """Take one event; False when parsing should stop."""
+        if data == "[DONE]":
+            self.done = True
+            return False
+        mentions_usage = '"usage"' in data
+        if not (self._strict or mentions_usage):
+            return True
+        try:
+            payload = jsonlib.loads(data)
+        except jsonlib.JSONDecodeError:
+            return self._refuse("stream event is not JSON", data)
+        if type(payload) is not dict:
+            return self._refuse("stream event is not a JSON object", "")
+        if "error" in payload:
+            message = payload["error"]
+            if isinstance(message, Mapping):
+                message = message.get("message")
+            return self._refuse("provider sent an error mid-stream", str(message))
+        if self._strict:
+            try:
+                _choices(payload.get("choices", []), "chat chunk")
+            except MalformedResponse as exc:
+                self._bad = exc
+                return False
+        if mentions_usage and self.usage is None:
+            usage = Usage.parse(payload.get("usage"))
+            if usage is not None:
+                self.usage = usage
+                if self._call is not None:
+                    self._call.usage = usage
+                for listener in self._listeners:
+                    listener(usage)
+        if self._chunks is not None:
+            self._chunks.append(payload)
+        return True
+
+    def _refuse(self, what: str, text: str) -> bool:
+        if not self._strict:
+            return True  # only the usage was wanted: an unreadable event is not ours to judge
+        self._bad = (what, text)
+        return False
+
+    def take(self) -> list[ChatChunk]:
+        """The chunks decoded since the last ``take`` (``keep_chunks`` must have been called)."""
+        pending = self._chunks
+        if not pending:
+            return []
+        self._chunks = []
+        return [parse_chunk(payload) for payload in pending]
+
+    def error(self, secrets: Iterable[str] = ()) -> CorralError | None:
+        """What was wrong with the stream, as the reader's typed error, or None.
+
+        ``secrets`` are scrubbed from any provider text it quotes. Once the bytes have ended, a
+        stream without ``[DONE]`` is an error too: a truncated stream must not pass for a
+        complete answer.
+        """
+        bad = self._bad
+        if isinstance(bad, CorralError):
+            return bad
+        if bad is not None:
+            what, text = bad
+            limit = 200 if what.startswith("provider") else 80
+            quoted = f": {snippet(text.encode(), secrets, limit)}" if text else ""
+            return MalformedResponse(what + quoted)
+        if self._sse is None and not self.done:
+            return RemoteProtocolError(
+                "chat stream ended before 'data: [DONE]' (truncated)", request_sent=True
+            )
+        return None
+
+
+class ParsedStream:
+    """Passes a byte stream through, feeding each piece to the call's one ``StreamParse``."""
+
+    __slots__ = ("_inner", "parse")
+
+    def __init__(self, inner: ByteStream, parse: StreamParse) -> None:
+        self._inner, self.parse = inner, parse
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        feed = self.parse.feed
+        async for chunk in self._inner:
+            feed(chunk)
+            yield chunk
+        self.parse.close()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def shared_parse(
+    call: Call, stream: ByteStream, mark: StreamParse | None
+) -> tuple[ByteStream, StreamParse]:
+    """The call's one parse of an answer's ``stream``, and the stream to pass on.
+
+    ``mark`` is ``call.stream`` as it was before the call went further in. If a layer inside
+    installed a parse since, this is it and ``stream`` already feeds it; otherwise a new parse
+    is installed on the call and the returned stream feeds it. The first watcher on the way
+    out (the innermost) installs it, so it sits inside every other layer's wrapper: whoever
+    sees a piece of the stream sees it parsed.
+    """
+    parse = call.stream
+    if parse is not None and parse is not mark:
+        return stream, parse
+    parse = call.stream = StreamParse(call)
+    return ParsedStream(stream, parse), parse
+
+
+class UsageWatcher:
+    """Finds the ``usage`` a chat stream reports (with stream_options.include_usage); sans-IO.
+
+    A ``StreamParse`` on its own, for a reader of bytes that has no call to share one with.
+    """
+
+    def __init__(self) -> None:
+        self._parse = StreamParse()
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._parse.usage
+
+    def feed(self, data: bytes) -> Usage | None:
+        """The usage, the first time a fed piece completes the event that carries it."""
+        if self._parse.usage is not None:
+            return None
+        self._parse.feed(data)
+        return self._parse.usage
+
+
+class ChatStreamDecoder:
+    """Bytes of a chat-completions SSE stream in, ``ChatChunk``s out; sans-IO.
+
+    A ``StreamParse`` read by one reader. ``close()`` raises ``RemoteProtocolError`` if the
+    stream ended before ``data: [DONE]``. ``secrets`` are scrubbed from any event text an error
+    quotes.
+    """
+
+    def __init__(self, *, secrets: Iterable[str] = ()) -> None:
+        self._parse = StreamParse()
+        self._parse.keep_chunks()
+        self._secrets = tuple(secrets)
+
+    @property
+    def done(self) -> bool:
+        return self._parse.done
+
+    def feed(self, data: bytes) -> list[ChatChunk]:
+        self._parse.feed(data)
+        return self._read()
+
+    def close(self) -> list[ChatChunk]:
+        self._parse.close()
+        return self._read()
+
+    def _read(self) -> list[ChatChunk]:
+        chunks = self._parse.take()
+        error = self._parse.error(self._secrets)
+        if error is not None:
+            raise error
+        return chunks
+
+
+@attrs.define
+class ChatAccumulator:
+    """Folds stream chunks into the ``ChatCompletion`` a non-streamed call would have given."""
+
+    id: str = ""
+    model: str = ""
+    usage: Usage | None = None
+    _texts: dict[int, list[str]] = attrs.field(factory=dict)
+    _finish: dict[int, str | None] = attrs.field(factory=dict)
+    _roles: dict[int, str] = attrs.field(factory=dict)
+
+    def add(self, chunk: ChatChunk) -> None:
+        self.id = self.id or chunk.id
+        self.model = self.model or chunk.model
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        for choice in chunk.choices:
+            self._texts.setdefault(choice.index, [])
+            if choice.delta.content:
+                self._texts[choice.index].append(choice.delta.content)
+            if choice.delta.role:
+                self._roles[choice.index] = choice.delta.role
+            if choice.finish_reason is not None:
+                self._finish[choice.index] = choice.finish_reason
+
+    def result(self) -> ChatCompletion:
+        choices = tuple(
+            Choice(
+                index=i,
+                message=Message(self._roles.get(i, "assistant"), "".join(self._texts[i])),
+                finish_reason=self._finish.get(i),
+            )
+            for i in sorted(self._texts)
+        )
+        raw: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion",
+            "model": self.model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": c.message.role, "content": c.message.content},
+                    "finish_reason": c.finish_reason,
+                }
+                for c in choices
+            ],
+        }
+        if self.usage is not None:
+            raw["usage"] = self.usage._asdict()
+        return ChatCompletion(self.id, self.model, choices, self.usage, raw)
+
+
+@attrs.frozen
+class Embeddings:
+    vectors: tuple[tuple[float, ...], ...]
+    model: str
+    usage: Usage | None
+
+
+def decode_embeddings(response: Response, *, secrets: Iterable[str] = ()) -> Embeddings:
+    data = decode_json(response, secrets=secrets)
+    items = data.get("data")
+    if not isinstance(items, list):
+        raise _field_error("embeddings", "data")
+    vectors = []
+    for i, item in enumerate(items):
+        vec = item.get("embedding") if isinstance(item, Mapping) else None
+        if not isinstance(vec, list) or not all(isinstance(x, (int, float)) for x in vec):
+            raise _field_error("embeddings", f"data[{i}].embedding")
+        vectors.append(tuple(float(x) for x in vec))
+    return Embeddings(tuple(vectors), _str(data.get("model")), Usage.parse(data.get("usage")))
+
+
+def decode_models(response: Response, *, secrets: Iterable[str] = ()) -> list[str]:
+    data = decode_json(response, secrets=secrets)
+    items = data.get("data")
+    if not isinstance(items, list):
+        raise _field_error("models", "data")
+    return [item["id"] for item in items if isinstance(item, Mapping) and "id" in item]

@@ -1,0 +1,66 @@
+"""Per-call deadlines: one absolute time, visible to every inner layer, enforced by a cancel scope.
+
+Inner layers read ``request.options.deadline`` (Retry will not start a sleep that would end
+after it); this shell cancels whatever is still running when it passes. A streamed body is
+still arriving when the call returns its response, so the shell wraps it in a
+``DeadlineStream``: the deadline bounds the whole call, body included. Times are on the event
+loop's clock (``corral._clock.current_time``).
+"""
+
+from __future__ import annotations
+
+import anyio
+import attrs
+
+from corral._clock import current_time
+from corral._streams import DeadlineStream
+from corral.core._compose import Handler
+from corral.core._errors import DeadlineExceeded
+from corral.core._models import Request, Response
+from corral.middleware._checks import finite, optional
+
+__all__ = ["Deadline", "DeadlineConfig", "effective_deadline"]
+
+
+@attrs.frozen
+class DeadlineConfig:
+    """Seconds a call may take in all (None: only the call's own deadline, if it has one)."""
+
+    timeout: float | None = attrs.field(default=None, validator=optional(finite(open_below=True)))
+
+
+def effective_deadline(now: float, timeout: float | None, existing: float | None) -> float | None:
+    """The earlier of the call's own deadline and ``now + timeout``."""
+    candidates = [
+        d for d in (existing, None if timeout is None else now + timeout) if d is not None
+    ]
+    return min(candidates) if candidates else None
+
+
+class Deadline:
+    """Middleware: give each call at most ``timeout`` seconds in total (all retries included).
+
+    ``timeout``: seconds, > 0; None leaves only the deadline a call brings (``.config``).
+    """
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.config = DeadlineConfig(timeout)
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        now = current_time()
+        deadline = effective_deadline(now, self.config.timeout, request.options.deadline)
+        if deadline is None:
+            return await call_next(request)
+        if deadline <= now:
+            raise DeadlineExceeded("the call's deadline had passed before it started")
+        request = request.with_deadline(deadline)
+        try:
+            with anyio.fail_after(deadline - now):
+                response = await call_next(request)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the call did not finish within its deadline ({deadline - now:.3g}s)"
+            ) from None
+        if response.stream is None:
+            return response
+        return attrs.evolve(response, stream=DeadlineStream(response.stream, deadline))

@@ -1,0 +1,293 @@
+"""A rate limit shared by many processes and machines: GCRA in Redis Lua scripts.
+
+Policy: generic cell rate algorithm per dimension (requests, tokens), the same burst rule as the
+local limiter (at most ``limit`` in any ``window``; at most ``burst`` at once); the scripts and
+their Python model (``GcraPolicy``, which tests hold them to) live in ``corral.middleware._gcra``.
+One script checks both dimensions and the 429 pause, and reserves both or neither, atomically,
+on the Redis server's clock, so a skewed local clock changes nothing. Settling with the real
+``usage`` moves the token cell's arrival time back (refund) or forward (charge).
+
+Shell: ``SharedRateLimit`` asks the script, sleeps for the wait it answers, asks again. When
+Redis is unreachable or frozen (no answer within ``timeout``, 0.5 s by default) it either fails
+closed (``RateLimitUnavailable``) or falls back to a local limiter with the limits divided by
+``processes`` (the same limits by default); after ``recheck`` seconds one call probes Redis and
+the limiter goes back to it when it answers. A call cancelled while Redis is silent (deadline,
+Ctrl-C) leaves at once. Waiters in different processes are not served FIFO (each retries after
+its own wait).
+
+A 429 pauses every process, for the server's ``Retry-After`` but at most ``max_pause`` seconds
+(60 by default; ``PausePolicy``); the script also caps a pause already stored (say by an older
+version) at ``max_pause``, so no key in Redis can stop the quota for longer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import anyio
+import attrs
+import redis
+
+from corral._clock import current_time
+from corral.core import _errors as errors
+from corral.core._compose import Handler
+from corral.core._events import RateLimitPaused, RateLimitWaited
+from corral.core._models import Request, Response
+from corral.core._tokens import EstimatingCounter
+from corral.core._wire import response_usage
+from corral.middleware._checks import at_least, finite, never, optional
+from corral.middleware._gcra import PAUSE, RESERVE, SETTLE, Cell, GcraPolicy, ScriptArgs, decode
+from corral.middleware._ratelimit import (
+    Delay,
+    NoPause,
+    Pause,
+    PausePolicy,
+    Proceed,
+    RateLimit,
+    bucket_shape,
+    call_tokens,
+    log_capped,
+)
+from corral.stores.redis import DEFAULT_TIMEOUT, redis_client, run_blocking
+
+__all__ = ["RateLimitUnavailable", "SharedRateLimit", "SharedRateLimitConfig"]
+
+log = logging.getLogger("corral.ratelimit")
+
+
+class RateLimitUnavailable(errors.CorralError):
+    """The shared limiter's Redis is unreachable and the limiter is set to fail closed."""
+
+    kind = "rate_limit_unavailable"
+    retryable = True
+
+
+def _one_of(*allowed: str) -> Any:
+    def check(instance: object, attribute: Any, value: object) -> None:
+        if value not in allowed:
+            raise errors.InvalidInput(
+                f"{type(instance).__name__}.{attribute.name} must be one of "
+                f"{', '.join(map(repr, allowed))}, got {value!r}"
+            )
+
+    return check
+
+
+_LIMIT = optional(at_least(1))
+_BURST = optional(finite(open_below=True))
+
+
+@attrs.frozen
+class SharedRateLimitConfig:
+    """What ``SharedRateLimit`` enforces; validated when built (``InvalidInput`` names the
+    field)."""
+
+    #: Every process using the same Redis and ``name`` shares one quota.
+    name: str = "default"
+    rpm: int | None = attrs.field(default=None, validator=_LIMIT)
+    tpm: int | None = attrs.field(default=None, validator=_LIMIT)
+    window: float = attrs.field(default=60.0, validator=finite(open_below=True))
+    burst_requests: float | None = attrs.field(default=None, validator=_BURST)
+    burst_tokens: float | None = attrs.field(default=None, validator=_BURST)
+    on_unavailable: Literal["fail", "local"] = attrs.field(
+        default="local", validator=_one_of("fail", "local")
+    )
+    processes: int = attrs.field(default=1, validator=at_least(1))
+    recheck: float = attrs.field(default=5.0, validator=finite())
+    pause: PausePolicy = attrs.field(factory=PausePolicy)
+    timeout: float = attrs.field(default=DEFAULT_TIMEOUT, validator=finite(open_below=True))
+
+    def gcra(self) -> GcraPolicy:
+        """The two cells: the local limiter's buckets as GCRA cells."""
+        return GcraPolicy(
+            _cell("rpm", self.rpm, self.window, self.burst_requests),
+            _cell("tpm", self.tpm, self.window, self.burst_tokens),
+            self.pause.max_pause,
+        )
+
+    def local_share(self) -> RateLimit:
+        """The fallback: each of ``processes`` takes an equal share of the quota, per minute."""
+        per_minute = 60 / self.window
+        rpm, tpm, share = self.rpm, self.tpm, self.processes
+        return RateLimit(
+            rpm=None if rpm is None else max(1, int(rpm * per_minute) // share),
+            tpm=None if tpm is None else max(1, int(tpm * per_minute) // share),
+            max_pause=self.pause.max_pause,
+        )
+
+
+def _cell(name: str, limit: int | None, window: float, burst: float | None) -> Cell:
+    if limit is None:
+        return Cell()
+    rate, cap = bucket_shape(name, limit, window, burst)
+    return Cell(1.0 / rate, cap)
+
+
+class SharedRateLimit:
+    """Middleware: one RPM/TPM quota for every process using the same Redis and ``name``.
+
+    Args:
+        url: the Redis server (``redis://host:port/db``).
+        name: the quota's name; processes with the same Redis and name share it.
+        rpm, tpm: requests and tokens per ``window`` seconds (60 by default).
+        burst_requests, burst_tokens: what a cold start may send at once.
+        on_unavailable: ``"local"`` falls back to a local limiter with the limits divided by
+            ``processes`` while Redis is unreachable; ``"fail"`` raises ``RateLimitUnavailable``.
+        recheck: seconds between probes of an unreachable Redis.
+        max_pause: the longest a 429's Retry-After may pause the quota, in seconds.
+        timeout: seconds a Redis command may take before Redis counts as unreachable.
+        client: a ``redis.Redis`` to use as it is (give it timeouts too: ``redis_client``);
+            it is not closed by ``aclose``.
+
+    ``config`` is the frozen configuration; ``waited`` the total seconds calls spent waiting
+    for quota, in Redis and in the fallback (for the batch summary).
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        name: str = "default",
+        rpm: int | None = None,
+        tpm: int | None = None,
+        window: float = 60.0,
+        burst_requests: float | None = None,
+        burst_tokens: float | None = None,
+        on_unavailable: Literal["fail", "local"] = "local",
+        processes: int = 1,
+        recheck: float = 5.0,
+        max_pause: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT,
+        client: redis.Redis | None = None,
+    ) -> None:
+        self.config = config = SharedRateLimitConfig(
+            name=name,
+            rpm=rpm,
+            tpm=tpm,
+            window=window,
+            burst_requests=burst_requests,
+            burst_tokens=burst_tokens,
+            on_unavailable=on_unavailable,
+            processes=processes,
+            recheck=recheck,
+            pause=PausePolicy(max_pause=max_pause),
+            timeout=timeout,
+        )
+        self._owns_client = client is None
+        self._client = client or redis_client(url, timeout)
+        self._keys = [f"corral:rl:{name}:{k}" for k in ("requests", "tokens", "pause")]
+        self._gcra = config.gcra()
+        #: Keys outlive their arrival time by a window (an expired key reads as "no debt").
+        self._margin_ms = int(window * 1000)
+        self._reserve = self._client.register_script(RESERVE)
+        self._settle = self._client.register_script(SETTLE)
+        self._pause = self._client.register_script(PAUSE)
+        self._down_since: float | None = None
+        self._local = config.local_share()
+        self._counter = EstimatingCounter()
+        self._waited = 0.0
+
+    @property
+    def waited(self) -> float:
+        """Total seconds calls spent waiting for quota (Redis and the local fallback)."""
+        return self._waited + self._local.waited
+
+    async def aclose(self) -> None:
+        """Close the Redis client this limiter made (not one it was given)."""
+        if self._owns_client:
+            await run_blocking(self._client.close)
+
+    async def _call(self, script: Any, keys: list[str], args: ScriptArgs) -> object:
+        return await run_blocking(lambda: script(keys=keys, args=args))
+
+    def _redis_usable(self) -> bool:
+        """True when Redis is up, or for the one call that probes it after ``recheck``."""
+        if self._down_since is None:
+            return True
+        now = current_time()
+        if now - self._down_since < self.config.recheck:
+            return False
+        self._down_since = now  # this call probes; the others keep to the fallback
+        return True
+
+    def _went_down(self, exc: Exception) -> None:
+        if self._down_since is None:
+            log.warning(
+                "shared rate limit: Redis unreachable (%s); %s",
+                type(exc).__name__,
+                "failing closed" if self.config.on_unavailable == "fail" else "using local share",
+            )
+        self._down_since = current_time()
+
+    async def _acquire(self, request: Request, tokens: int) -> bool:
+        """Reserve through Redis; False when Redis is down (the caller falls back)."""
+        burst = self._gcra.tokens.burst
+        if tokens > burst > 0:
+            raise errors.RequestTooLarge(
+                f"this call needs {tokens} tokens but the shared bucket holds {burst:g}"
+            )
+        args = self._gcra.reserve_args(tokens, self._margin_ms)
+        start = current_time()
+        delayed = False
+        while True:
+            try:
+                reply = await self._call(self._reserve, self._keys, args)
+            except redis.RedisError as exc:
+                self._went_down(exc)
+                return False
+            if self._down_since is not None:
+                log.warning("shared rate limit: Redis is back")
+                self._down_since = None
+            now = current_time()
+            match decode(reply, now):
+                case Proceed():
+                    if delayed:  # the time of a round trip to Redis is no wait for quota
+                        waited = now - start
+                        self._waited += waited
+                        request.options.call.emit(
+                            RateLimitWaited, now, key=self.config.name, waited=waited, tokens=tokens
+                        )
+                    return True
+                case Delay(until=until):
+                    delayed = True
+                    await anyio.sleep_until(until)
+                case other:
+                    never(other)
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        reserved = call_tokens(request, self._counter)
+        if not self._redis_usable() or not await self._acquire(request, reserved):
+            if self.config.on_unavailable == "fail":
+                raise RateLimitUnavailable("the shared rate limit's Redis is unreachable")
+            return await self._local(request, call_next)
+        response = await call_next(request)
+        try:
+            now = current_time()
+            match self.config.pause.decide(now, response.error()):
+                case NoPause():
+                    pass
+                case Pause() as pause:
+                    log_capped(pause, "shared rate limit")
+                    await self._call(
+                        self._pause, [self._keys[2]], self._gcra.pause_args(pause.seconds)
+                    )
+                    request.options.call.emit(
+                        RateLimitPaused,
+                        now,
+                        key=self.config.name,
+                        until=pause.until,
+                        requested=pause.requested,
+                        capped=pause.capped,
+                    )
+                case other:
+                    never(other)
+            usage = response_usage(response) if response.status == 200 else None
+            if usage is not None and self._gcra.tokens.interval > 0:
+                delta = usage.total_tokens - reserved
+                if delta:
+                    args = self._gcra.settle_args(delta, self._margin_ms)
+                    await self._call(self._settle, [self._keys[1]], args)
+        except redis.RedisError as exc:
+            self._went_down(exc)
+        return response

@@ -1,0 +1,479 @@
+"""``H11Transport``: HTTP/1.1 with h11 over anyio streams, pooled; runs on asyncio and trio.
+
+Each attempt holds a pool slot from before connect until its body is fully read or closed, so
+``max_connections`` bounds in-flight requests and open sockets alike. Idle connections are kept
+per origin (newest first) until ``keepalive_expiry``; one found closed by the server is dropped
+before use, and if a reused connection still dies before a single response byte arrives the
+request is sent once more on a fresh connection (the server cannot have answered it).
+
+Timeouts: one cancel scope per attempt whose deadline moves as the attempt passes through its
+phases (pool, connect, write, read). A scope per socket read would cost a fifth of the CPU of a
+small request; moving one deadline costs almost nothing. The wait for the response head is one
+read timeout in total, however many ``1xx`` come first.
+
+Bodies: sent with ``Accept-Encoding: identity`` and never inflated (an encoded body is refused);
+at most ``max_response_bytes``. A connection is pooled again only when nothing unread follows
+the response, so bytes a server sends past its answer never become the next request's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+import anyio.abc
+import h11
+
+from corral._clock import current_time
+from corral._gate import Gate
+from corral.core import _errors as errors
+from corral.core._events import TransportResent
+from corral.core._headers import Headers
+from corral.core._models import Request, Response, Timeouts, Timing
+from corral.transports._asyncio_stream import AsyncioStream, open_asyncio_stream
+from corral.transports._base import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    BodyLimit,
+    Origin,
+    PhaseWatch,
+    check_head,
+    connect_failure,
+    scrub,
+    split_url,
+)
+
+__all__ = ["H11Transport"]
+
+_READ_SIZE = 65536
+_END = h11.EndOfMessage()  # events are immutable; one serves every request
+_NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_IDENTITY = (b"accept-encoding", b"identity")
+
+
+class _Stale(Exception):
+    """A reused connection failed before any response byte: safe to send again."""
+
+
+class _Connection:
+    __slots__ = ("closed", "h11", "idle_since", "origin", "sock", "stream")
+
+    def __init__(self, origin: Origin, stream: anyio.abc.ByteStream) -> None:
+        self.origin = origin
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+        self.closed = False
+        try:
+            self.sock: socket.socket | None = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        except anyio.TypedAttributeLookupError:
+            self.sock = None
+
+    def looks_closed(self) -> bool:
+        """Did the server close (or write to) this idle connection? One non-blocking peek.
+
+        A peek rather than ``select``, which fails for descriptors >= 1024.
+        """
+        if isinstance(self.stream, AsyncioStream):
+            return self.stream.looks_closed()
+        if self.sock is None:
+            return False
+        try:
+            self.sock.recv(1, _PEEK)  # b"" (closed) or bytes nobody asked for: unusable
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True
+
+    async def aclose(self) -> None:
+        self.closed = True
+        with anyio.CancelScope(shield=True), contextlib.suppress(*_NETWORK_ERRORS):
+            await self.stream.aclose()
+
+
+class _Lease:
+    """A pool slot and (once connected) the connection using it; ``finish`` returns both once."""
+
+    __slots__ = ("conn", "done", "origin", "transport")
+
+    def __init__(self, transport: H11Transport, origin: Origin) -> None:
+        self.transport, self.origin = transport, origin
+        self.conn: _Connection | None = None
+        self.done = False
+
+    async def finish(self, reusable: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            if self.conn is not None:
+                await self.transport._put_back(self.conn, reusable)
+        finally:
+            self.transport._release(self.origin)
+
+
+class H11Transport:
+    """The reference transport. Pass it to a ``Client`` or call it with a ``Request``."""
+
+    def __init__(
+        self,
+        *,
+        timeouts: Timeouts | None = None,
+        max_connections: int = 100,
+        max_per_host: int | None = None,
+        keepalive_expiry: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        clock: Callable[[], float] = current_time,
+    ) -> None:
+        if max_connections < 1 or (max_per_host is not None and max_per_host < 1):
+            raise ValueError("max_connections and max_per_host must be >= 1")
+        self._timeouts = timeouts or Timeouts()
+        self._max_connections = max_connections
+        self._max_per_host = max_per_host
+        self._keepalive_expiry = keepalive_expiry
+        self._ssl_context = ssl_context
+        self._clock = clock
+        self._max_response_bytes = max_response_bytes
+        self._slots = Gate(max_connections)
+        self._host_slots: dict[Origin, Gate] = {}
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._open = 0
+        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        """Sockets currently open, idle or busy (for tests and metrics)."""
+        return self._open
+
+    async def __call__(self, request: Request) -> Response:
+        if self._closed:
+            raise errors.ConnectError("transport is closed")
+        origin, target = split_url(request.url)
+        timeouts = request.options.timeouts or self._timeouts
+        started = self._clock()
+        watch = PhaseWatch()
+        lease: _Lease | None = None
+        try:
+            with watch.scope:
+                if not self._try_acquire(origin):  # arm the pool timer only when waiting
+                    watch.start("pool", timeouts.pool)
+                    await self._acquire(origin)
+                lease = _Lease(self, origin)
+                conn = lease.conn = await self._checkout(origin, timeouts, watch)
+                try:
+                    status, headers = await self._exchange(conn, request, target, timeouts, watch)
+                except _Stale:
+                    request.options.call.emit(
+                        TransportResent, self._clock(), reason="a reused connection closed unread"
+                    )
+                    conn = lease.conn = await self._connect(origin, timeouts, watch)
+                    status, headers = await self._exchange(conn, request, target, timeouts, watch)
+                first_byte = self._clock()
+                check_head(status, headers, self._max_response_bytes)
+                body = _Body(lease, timeouts, request.headers, self._max_response_bytes)
+                if request.options.stream:
+                    return Response(
+                        status, headers, stream=body, timing=Timing(started, first_byte)
+                    )
+                data = await body.read_all(watch)
+                timing = Timing(started, first_byte, self._clock())
+                return Response(status, headers, data, timing=timing)
+        except errors.CorralError as exc:
+            if lease is not None:
+                await lease.finish(reusable=False)
+            raise scrub(exc, request.headers) from None
+        except BaseException:
+            if lease is not None:
+                await lease.finish(reusable=False)
+            raise
+        # Only reached when the scope's own deadline fired.
+        if lease is not None:
+            await lease.finish(reusable=False)
+        raise watch.error()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle = [c for conns in self._idle.values() for c in conns]
+        self._idle.clear()
+        for conn in idle:
+            await self._discard(conn)
+
+    async def __aenter__(self) -> H11Transport:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- pool -------------------------------------------------------------------------------
+
+    def _try_acquire(self, origin: Origin) -> bool:
+        """Take a slot (and the origin's) if both are free now, without waiting."""
+        if self._max_per_host is None:
+            return self._slots.try_acquire()
+        host_slots = self._host_gate(origin)
+        if not host_slots.try_acquire():
+            return False
+        if self._slots.try_acquire():
+            return True
+        host_slots.release()
+        return False
+
+    def _host_gate(self, origin: Origin) -> Gate:
+        host_slots = self._host_slots.get(origin)
+        if host_slots is None:
+            assert self._max_per_host is not None
+            host_slots = self._host_slots[origin] = Gate(self._max_per_host)
+        return host_slots
+
+    async def _acquire(self, origin: Origin) -> None:
+        if self._max_per_host is None:
+            await self._slots.acquire()
+            return
+        host_slots = self._host_gate(origin)
+        await host_slots.acquire()
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            host_slots.release()
+            raise
+
+    def _release(self, origin: Origin) -> None:
+        self._slots.release()
+        if self._max_per_host is not None:
+            self._host_slots[origin].release()
+
+    async def _checkout(self, origin: Origin, timeouts: Timeouts, watch: PhaseWatch) -> _Connection:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if self._clock() - conn.idle_since < self._keepalive_expiry and not conn.looks_closed():
+                return conn
+            await self._discard(conn)
+        return await self._connect(origin, timeouts, watch)
+
+    async def _connect(self, origin: Origin, timeouts: Timeouts, watch: PhaseWatch) -> _Connection:
+        if self._open >= self._max_connections:
+            await self._evict_one_idle()
+        watch.start("connect", timeouts.connect)
+        tls = None
+        if origin.scheme == "https":
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
+            tls = self._ssl_context
+        try:
+            stream: anyio.abc.ByteStream
+            if _on_asyncio():
+                stream = await open_asyncio_stream(origin.host, origin.port, tls)
+            elif tls is not None:
+                stream = await anyio.connect_tcp(
+                    origin.host, origin.port, ssl_context=tls, tls_standard_compatible=False
+                )
+            else:
+                stream = await anyio.connect_tcp(origin.host, origin.port)
+        except (OSError, ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            text = f"cannot connect to {origin.host_header}: {exc!r}"
+            raise connect_failure(text, exc, tls=tls is not None) from None
+        self._open += 1
+        return _Connection(origin, stream)
+
+    async def _evict_one_idle(self) -> None:
+        for origin, conns in self._idle.items():
+            if conns:
+                conn = conns.pop(0)
+                if not conns:
+                    del self._idle[origin]
+                await self._discard(conn)
+                return
+
+    async def _discard(self, conn: _Connection) -> None:
+        if not conn.closed:
+            self._open -= 1
+            await conn.aclose()
+
+    async def _put_back(self, conn: _Connection, reusable: bool) -> None:
+        if (
+            reusable
+            and not conn.closed
+            and not self._closed
+            and conn.h11.our_state is h11.DONE
+            and conn.h11.their_state is h11.DONE
+            and not any(conn.h11.trailing_data)  # bytes past the response, or EOF: never reuse
+        ):
+            conn.h11.start_next_cycle()
+            conn.idle_since = self._clock()
+            self._idle.setdefault(conn.origin, []).append(conn)
+        else:
+            await self._discard(conn)
+
+    # -- one exchange -----------------------------------------------------------------------
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        request: Request,
+        target: str,
+        timeouts: Timeouts,
+        watch: PhaseWatch,
+    ) -> tuple[int, Headers]:
+        reused = conn.idle_since > 0
+        headers = [(b"host", conn.origin.host_bytes)]
+        if "accept-encoding" not in request.headers:
+            headers.append(_IDENTITY)
+        if request.body or request.method in ("POST", "PUT", "PATCH"):
+            headers.append((b"content-length", str(len(request.body)).encode()))
+        extra = request.headers
+        if "host" in extra or "content-length" in extra:
+            extra = extra.without("host").without("content-length")
+        headers.extend(extra.raw())  # checked once per Headers: h11 need not re-check them
+        try:
+            # _parsed=True is h11's flag for headers already validated (it uses it for what it
+            # parsed itself); method and target are still checked. Tested with h11 0.14-0.16.
+            head = h11.Request(
+                method=request.method.encode("ascii"),
+                target=target.encode("ascii"),
+                headers=headers,
+                _parsed=True,
+            )
+            data = conn.h11.send(head)
+            if request.body:
+                data += conn.h11.send(h11.Data(data=request.body))
+            data += conn.h11.send(_END)
+        except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+            raise errors.InvalidInput(f"cannot encode request: {exc}") from None
+        stream = conn.stream
+        try:
+            if not isinstance(stream, AsyncioStream):
+                watch.start("write", timeouts.write)
+                await stream.send(data)
+            elif stream.write(data):  # the kernel buffer is full: time the wait for it
+                watch.start("write", timeouts.write)
+                await stream.drain()
+        except _NETWORK_ERRORS as exc:
+            await self._discard(conn)
+            if reused:
+                raise _Stale from None
+            raise errors.WriteError(f"connection lost while sending: {exc!r}") from None
+        watch.start("read", timeouts.read)
+        got_bytes = False
+        while True:
+            event = _next_event(conn, "bad response head")
+            if event is h11.NEED_DATA:
+                chunk = await self._receive(conn, stale_ok=reused and not got_bytes)
+                got_bytes = got_bytes or bool(chunk)
+            elif isinstance(event, h11.Response):
+                return event.status_code, Headers.from_raw(event.headers)
+            elif not isinstance(event, h11.InformationalResponse):
+                raise errors.RemoteProtocolError(
+                    f"connection closed before a response ({type(event).__name__})",
+                    request_sent=True,
+                )
+
+    async def _receive(self, conn: _Connection, *, stale_ok: bool = False) -> bytes:
+        try:
+            chunk = await conn.stream.receive(_READ_SIZE)
+        except anyio.EndOfStream:
+            chunk = b""
+        except _NETWORK_ERRORS as exc:
+            await self._discard(conn)
+            if stale_ok:
+                raise _Stale from None
+            raise errors.ReadError(f"connection lost: {exc!r}", request_sent=True) from None
+        if not chunk and stale_ok:
+            await self._discard(conn)
+            raise _Stale
+        conn.h11.receive_data(chunk)
+        return chunk
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _next_event(conn: _Connection, problem: str) -> object:
+    """h11's next event; its protocol errors become corral's, named for the phase."""
+    try:
+        return conn.h11.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise errors.RemoteProtocolError(f"{problem}: {exc}", request_sent=True) from None
+
+
+class _Body:
+    """The response body of one exchange; finishing or closing it returns the connection."""
+
+    def __init__(
+        self, lease: _Lease, timeouts: Timeouts, request_headers: Headers, max_bytes: int
+    ) -> None:
+        assert lease.conn is not None
+        self._lease = lease
+        self._conn = lease.conn
+        self._timeouts = timeouts
+        self._request_headers = request_headers
+        self._limit = BodyLimit(max_bytes)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        try:
+            while (chunk := await self.next_chunk(None)) is not None:
+                yield chunk
+        except errors.CorralError as exc:
+            raise scrub(exc, self._request_headers) from None
+        finally:
+            await self._lease.finish(reusable=False)  # no-op when already finished
+
+    async def read_all(self, watch: PhaseWatch) -> bytes:
+        """The whole body, its reads timed by the attempt's scope (no generator: a hot path)."""
+        chunks = []
+        try:
+            while (chunk := await self.next_chunk(watch)) is not None:
+                chunks.append(chunk)
+        finally:
+            await self._lease.finish(reusable=False)  # no-op when already finished
+        return b"".join(chunks)
+
+    async def next_chunk(self, watch: PhaseWatch | None) -> bytes | None:
+        """The next piece of the body, or None at its end (the connection then goes back).
+
+        With ``watch`` the caller's scope times the reads; without, each read has its own.
+        """
+        conn, transport = self._conn, self._lease.transport
+        read = self._timeouts.read
+        while not self._lease.done:
+            event = _next_event(conn, "response body cut short or malformed")
+            if event is h11.NEED_DATA:
+                if watch is not None:
+                    watch.start("read", read)
+                    await transport._receive(conn)
+                    continue
+                try:
+                    with anyio.fail_after(read):
+                        await transport._receive(conn)
+                except TimeoutError:
+                    raise errors.ReadTimeout(
+                        f"no body data for {read}s", request_sent=True
+                    ) from None
+            elif isinstance(event, h11.Data):
+                self._limit.add(len(event.data))
+                return bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                await self._lease.finish(reusable=True)
+            else:
+                raise errors.RemoteProtocolError(
+                    f"connection closed before the body ended ({type(event).__name__})",
+                    request_sent=True,
+                )
+        return None
+
+    async def aclose(self) -> None:
+        await self._lease.finish(reusable=False)

@@ -1,0 +1,31 @@
+"""``MemoryTransport``: answers requests with a Python function; for tests and simulations."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+
+from corral.core._models import Request, Response
+
+__all__ = ["MemoryTransport"]
+
+
+class MemoryTransport:
+    """Calls ``handler(request)`` (sync or async) and returns its ``Response``.
+
+    The handler may raise corral errors to simulate wire faults. ``calls`` counts requests.
+    """
+
+    def __init__(self, handler: Callable[[Request], Response | Awaitable[Response]]) -> None:
+        self._handler = handler
+        self.calls = 0
+
+    async def __call__(self, request: Request) -> Response:
+        self.calls += 1
+        result = self._handler(request)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def aclose(self) -> None:
+        return None
