@@ -53,6 +53,10 @@ log = logging.getLogger("corral.batch")
 
 
 class ExitCode(enum.IntEnum):
+    """The process exit status of ``corral run`` (docs/batch.md): 0 every line succeeded, 1
+    failures or a stop to resume from, 2 refused before or instead of sending, 130
+    interrupted."""
+
     OK = 0
     FAILED = 1
     REFUSED = 2
@@ -104,6 +108,8 @@ class BatchJob:
 
     @property
     def options(self) -> BatchOptions:
+        """The runner's share of this job: paths, concurrency and resume rules, without the stack
+        settings."""
         return BatchOptions(
             input=self.input,
             output=self.output,
@@ -142,6 +148,9 @@ def _finite(value: float) -> bool:
 
 @attrs.frozen
 class JobResult:
+    """What ``run_job`` returns: the exit code the CLI would use, the run's counts and the
+    summary it printed."""
+
     exit_code: ExitCode
     report: BatchReport
     summary: dict[str, Any]

@@ -56,6 +56,8 @@ log = logging.getLogger("corral.batch")
 
 @attrs.frozen
 class BatchOptions:
+    """What the runner needs to know about the files and the pace; the stack is the client's."""
+
     input: Path
     output: Path
     concurrency: int = 64
@@ -71,6 +73,8 @@ class BatchOptions:
     max_outage: float = 600.0
 
     def mine(self, custom_id: str) -> bool:
+        """Whether ``custom_id`` belongs to this shard, so machines sharing one input never send
+        a line twice."""
         if self.shard is None:
             return True
         index, count = self.shard
@@ -154,6 +158,7 @@ class BatchReport:
 
     @property
     def done(self) -> int:
+        """Lines this run settled, as a success or a typed failure."""
         return self.succeeded + sum(self.failed.values())
 
     @property
@@ -163,10 +168,12 @@ class BatchReport:
 
     @property
     def file_succeeded(self) -> int:
+        """Success records the output file holds now (earlier runs and this one)."""
         return self.before.succeeded + self.succeeded
 
     @property
     def records_in_file(self) -> int:
+        """Records of any outcome in the output now: what a resume will skip."""
         return self.file_succeeded + sum(self.file_failed.values())
 
     @property
@@ -196,6 +203,9 @@ def _error(kind: str, message: str) -> dict[str, str]:
 
 
 class BatchRunner:
+    """Sends each input line the output lacks through a client and appends its result exactly
+    once; ``stop`` and ``abort`` end it early without losing a written line."""
+
     def __init__(
         self, client: Client, options: BatchOptions, *, health: ProviderHealth | None = None
     ) -> None:

@@ -89,6 +89,8 @@ class TransportError(CorralError):
 
 
 class ConnectError(TransportError):
+    """No connection could be opened (refused, unreachable, TLS failed); nothing was sent."""
+
     kind = "connect_error"
 
 
@@ -101,34 +103,50 @@ class WrongScheme(ConnectError):
 
 
 class APITimeoutError(TransportError):
+    """A phase of the exchange took longer than its timeout (named as in the openai SDK)."""
+
     kind = "timeout"
 
 
 class ConnectTimeout(APITimeoutError):
+    """Opening the connection took longer than ``Timeouts.connect``; nothing was sent."""
+
     kind = "connect_timeout"
 
 
 class ReadTimeout(APITimeoutError):
+    """The server was silent longer than ``Timeouts.read``: the request may have been handled."""
+
     kind = "read_timeout"
 
 
 class WriteTimeout(APITimeoutError):
+    """Sending the request took longer than ``Timeouts.write`` (a peer not reading)."""
+
     kind = "write_timeout"
 
 
 class PoolTimeout(APITimeoutError):
+    """No pooled connection came free within ``Timeouts.pool``; nothing was sent."""
+
     kind = "pool_timeout"
 
 
 class NetworkError(TransportError):
+    """An open connection failed mid-exchange (reset, closed, or broken HTTP)."""
+
     kind = "network_error"
 
 
 class ReadError(NetworkError):
+    """Reading the response failed: the connection was reset or closed."""
+
     kind = "read_error"
 
 
 class WriteError(NetworkError):
+    """Sending the request failed: the connection was reset or closed."""
+
     kind = "write_error"
 
 
@@ -171,14 +189,20 @@ class APIError(CorralError):
 
 
 class AuthenticationError(APIError):
+    """401 or 403: the key is missing, wrong or not allowed; retrying will not help."""
+
     kind = "authentication"
 
 
 class NotFoundError(APIError):
+    """404: a wrong base URL, path or model name; retrying will not help."""
+
     kind = "not_found"
 
 
 class BadRequestError(APIError):
+    """400 or 422: the server refuses the request as sent; fix it rather than retry."""
+
     kind = "bad_request"
 
 
@@ -214,11 +238,15 @@ class ContextLengthExceeded(BadRequestError):
 
 
 class ConflictError(APIError):
+    """409: a conflicting concurrent operation; the same request may succeed later."""
+
     kind = "conflict"
     retryable = True
 
 
 class RequestTimeoutError(APIError):
+    """408: the server gave up waiting for the request; sending it again may succeed."""
+
     kind = "request_timeout"
     retryable = True
 
@@ -252,6 +280,8 @@ class RateLimitError(APIError):
 
 
 class ServerError(APIError):
+    """5xx: the provider failed; the same request may succeed later."""
+
     kind = "server_error"
     retryable = True
 
@@ -292,10 +322,14 @@ class RequestTooLarge(CorralError):
 
 
 class DeadlineExceeded(CorralError):
+    """The call's deadline (``Deadline`` or ``deadline=``) passed before it finished."""
+
     kind = "deadline_exceeded"
 
 
 class CircuitOpen(CorralError):
+    """The circuit breaker refuses calls after repeated failures; ``retry_at`` says until when."""
+
     kind = "circuit_open"
 
     def __init__(self, message: str, *, retry_at: float) -> None:
