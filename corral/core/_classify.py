@@ -150,6 +150,7 @@ class RateLimitHeaders:
 
     @property
     def present(self) -> bool:
+        """Whether the response stated any quota at all, so a limiter can tell silence from zero."""
         return (
             self.remaining_requests is not None
             or self.remaining_tokens is not None
@@ -177,6 +178,8 @@ def _duration_header(headers: Headers, name: str) -> float | None:
 
 
 def parse_rate_limit_headers(headers: Headers) -> RateLimitHeaders:
+    """The ``x-ratelimit-*`` quota a response states; a missing or unparseable header is None
+    rather than an error, since providers differ in which they send."""
     return RateLimitHeaders(
         limit_requests=_int_header(headers, "x-ratelimit-limit-requests"),
         limit_tokens=_int_header(headers, "x-ratelimit-limit-tokens"),

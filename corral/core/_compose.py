@@ -16,13 +16,18 @@ from corral.core._models import Request, Response
 __all__ = ["Clock", "Handler", "Middleware", "build_stack"]
 
 Handler = Callable[[Request], Awaitable[Response]]
+"""What a stack is and what a transport is: an async function from a request to its response."""
 
-#: Returns the current time in seconds (``corral._clock.current_time``).
 Clock = Callable[[], float]
+"""Returns the current time in seconds (``corral._clock.current_time``, the loop's clock)."""
 
 
 class Middleware(Protocol):
-    def __call__(self, request: Request, call_next: Handler) -> Awaitable[Response]: ...
+    """A layer of a stack: called with the request and the rest of the stack (``call_next``), it
+    may change the request, wait, retry, or answer without calling on."""
+
+    def __call__(self, request: Request, call_next: Handler) -> Awaitable[Response]:
+        """Handle ``request``, calling ``call_next`` for the layers below (any number of times)."""
 
 
 def build_stack(

@@ -57,6 +57,7 @@ class Headers:
         return new
 
     def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of ``name`` (case-insensitive), or ``default``."""
         name = name.lower()
         for key, value in self._items:
             if key == name:
@@ -64,6 +65,7 @@ class Headers:
         return default
 
     def get_all(self, name: str) -> list[str]:
+        """Every value of ``name`` in order, for fields a server may repeat."""
         name = name.lower()
         return [value for key, value in self._items if key == name]
 
@@ -75,12 +77,14 @@ class Headers:
         return new
 
     def without(self, name: str) -> Headers:
+        """A copy with every ``name`` field removed, e.g. one the transport sets itself."""
         lower = name.lower()
         new = Headers.__new__(Headers)
         new._items = tuple((k, v) for k, v in self._items if k != lower)
         return new
 
     def items(self) -> tuple[tuple[str, str], ...]:
+        """The (lowercased name, value) pairs in order, repeats kept."""
         return self._items
 
     def raw(self) -> tuple[tuple[bytes, bytes], ...]:

@@ -35,7 +35,8 @@ class ByteStream(Protocol):
 
     def __aiter__(self) -> AsyncIterator[bytes]: ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Release the connection under the stream; call it when you stop reading before the end."""
 
 
 class CacheMode(enum.Enum):
@@ -89,9 +90,11 @@ class Request:
     options: RequestOptions = attrs.field(factory=RequestOptions)
 
     def evolve(self, **changes: Any) -> Request:
+        """A copy with ``changes`` to its fields (requests are frozen, so layers change copies)."""
         return attrs.evolve(self, **changes)
 
     def with_options(self, **changes: Any) -> Request:
+        """A copy with ``changes`` to its options (model, deadline, cache mode, timeouts...)."""
         return attrs.evolve(self, options=attrs.evolve(self.options, **changes))
 
     def with_deadline(self, deadline: float | None) -> Request:
@@ -155,6 +158,8 @@ class Response:
 
     @property
     def request_id(self) -> str | None:
+        """The provider's id for this request, from whichever header it uses, to quote to its
+        support."""
         h = self.headers
         return h.get("x-request-id") or h.get("request-id") or h.get("openai-request-id")
 
@@ -171,6 +176,7 @@ class Response:
         return attrs.evolve(self, body=b"".join(chunks), stream=None)
 
     async def aclose(self) -> None:
+        """Close the body stream, if any, so its connection goes back to the pool or is dropped."""
         if self.stream is not None:
             await self.stream.aclose()
 

@@ -31,6 +31,9 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 
 @attrs.frozen
 class SSEEvent:
+    """One server-sent event as the spec defines it: its data lines joined, its type, id and
+    reconnection time."""
+
     data: str
     event: str = "message"
     id: str | None = None

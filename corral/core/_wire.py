@@ -129,6 +129,8 @@ class Usage(NamedTuple):
 
     @classmethod
     def parse(cls, raw: Any) -> Usage | None:
+        """The usage object of a response body, or None when it is missing or not an object:
+        providers omit it, and a stream states it only in its last chunk."""
         if type(raw) is not dict and not isinstance(raw, Mapping):  # dict first: ABC checks cost
             return None
         # ``type(x) is int`` rather than isinstance: a bool is not a count (and this is hot).
@@ -170,6 +172,9 @@ class Choice:
 
 @attrs.frozen
 class ChatCompletion:
+    """A decoded chat completion: its choices and usage, and the raw body for fields corral does
+    not model."""
+
     id: str
     model: str
     choices: tuple[Choice, ...]
@@ -238,6 +243,8 @@ def parse_chat(data: Mapping[str, Any]) -> ChatCompletion:
 
 
 def decode_chat(response: Response, *, secrets: Iterable[str] = ()) -> ChatCompletion:
+    """A chat completion from a response; an error status raises its typed ``APIError``, a body
+    that does not decode raises ``MalformedResponse`` (``secrets`` are scrubbed from both)."""
     return parse_chat(decode_json(response, secrets=secrets))
 
 
@@ -257,6 +264,9 @@ class ChunkChoice:
 
 @attrs.frozen
 class ChatChunk:
+    """One decoded chunk of a streamed chat completion; ``usage`` is set only on the chunk that
+    carries it."""
+
     id: str
     model: str
     choices: tuple[ChunkChoice, ...]
@@ -265,6 +275,8 @@ class ChatChunk:
 
     @property
     def text(self) -> str:
+        """The content this chunk adds, all choices joined ("" for a role-only or usage-only
+        chunk)."""
         return "".join(c.delta.content or "" for c in self.choices)
 
 
@@ -511,13 +523,18 @@ class ChatStreamDecoder:
 
     @property
     def done(self) -> bool:
+        """Whether ``data: [DONE]`` arrived: the stream ended whole rather than being cut off."""
         return self._parse.done
 
     def feed(self, data: bytes) -> list[ChatChunk]:
+        """The chunks these bytes complete (any split of the stream gives the same chunks);
+        raises the stream's typed error as soon as an event is malformed or reports one."""
         self._parse.feed(data)
         return self._read()
 
     def close(self) -> list[ChatChunk]:
+        """The bytes ended: the chunks still pending; raises ``RemoteProtocolError`` if
+        ``[DONE]`` never came, so a truncated answer is never taken for a whole one."""
         self._parse.close()
         return self._read()
 
@@ -583,12 +600,16 @@ class ChatAccumulator:
 
 @attrs.frozen
 class Embeddings:
+    """Decoded embeddings: one vector per input, in input order, and the usage."""
+
     vectors: tuple[tuple[float, ...], ...]
     model: str
     usage: Usage | None
 
 
 def decode_embeddings(response: Response, *, secrets: Iterable[str] = ()) -> Embeddings:
+    """Embeddings from a response; an error status raises its typed ``APIError`` and a vector
+    that is not a list of numbers raises ``MalformedResponse``."""
     data = decode_json(response, secrets=secrets)
     items = data.get("data")
     if not isinstance(items, list):
@@ -603,6 +624,7 @@ def decode_embeddings(response: Response, *, secrets: Iterable[str] = ()) -> Emb
 
 
 def decode_models(response: Response, *, secrets: Iterable[str] = ()) -> list[str]:
+    """The model ids a ``/models`` response lists, to check a model name before a run."""
     data = decode_json(response, secrets=secrets)
     items = data.get("data")
     if not isinstance(items, list):
