@@ -239,6 +239,8 @@ class CircuitBreaker:
         self.policies: dict[str, BreakerPolicy] = {}
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Refuse the call with ``CircuitOpen`` while its key's circuit is open, else send it and
+        record the classified outcome, which may open or close the circuit."""
         key = self._key(request)
         policy = self.policies.get(key)
         if policy is None:

@@ -102,6 +102,8 @@ class CacheRules:
     recheck: float = attrs.field(default=5.0, validator=finite())
 
     def namespace(self, request: Request) -> str:
+        """The key prefix of this caller: a keyed hash of its credential, so callers with
+        different keys never read each other's entries (``shared_namespace`` joins them)."""
         if self.shared_namespace:
             return "shared"
         auth = request.headers.get("authorization") or request.headers.get("api-key") or ""
@@ -124,6 +126,8 @@ class CacheRules:
         return digest.hexdigest()
 
     def read(self, request: Request) -> Lookup | Refresh | Bypass:
+        """What to do before the call: look up the entry, refresh it, or bypass the cache (the
+        call's ``CacheMode``, or a body that is not JSON)."""
         mode = request.options.cache
         if mode is CacheMode.BYPASS:
             return Bypass("bypass")
@@ -257,6 +261,8 @@ class Cache:
         await self.store.aclose()
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Answer from the store when it holds a fresh entry; otherwise call on and store a
+        complete success. A failing store is skipped, never the call's failure."""
         call = request.options.call
         decision = self.config.read(request)
         match decision:

@@ -161,13 +161,17 @@ class ConcurrencyLimit:
 
     @property
     def in_flight(self) -> int:
+        """Attempts on the wire now, for progress lines and tests."""
         return self._gate.used
 
     @property
     def limit(self) -> int:
+        """The current limit; with AIMD it moves with the provider's overload signals."""
         return self._gate.limit
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Hold a slot for the attempt while it is on the wire (a stream until its end), waiting
+        for one if all are taken."""
         gate = self._gate
         await gate.acquire()
         try:

@@ -47,6 +47,8 @@ class Deadline:
         self.config = DeadlineConfig(timeout)
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Give the call the earlier of its own deadline and ``timeout`` from now; past it the
+        layers below are cancelled and ``DeadlineExceeded`` is raised."""
         now = current_time()
         deadline = effective_deadline(now, self.config.timeout, request.options.deadline)
         if deadline is None:

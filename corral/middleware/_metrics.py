@@ -98,6 +98,9 @@ class Histogram:
 
 @attrs.define
 class Aggregator:
+    """Running totals of the calls a ``Metrics`` layer saw: outcomes, latency histograms, tokens
+    and cost (``snapshot`` reads them)."""
+
     prices: Mapping[str, Price] = DEFAULT_PRICES
     started: float | None = None
     last: float = 0.0
@@ -153,9 +156,12 @@ class Aggregator:
 
     @property
     def count(self) -> int:
+        """Calls recorded, whatever their outcome."""
         return sum(self.outcomes.values())
 
     def snapshot(self) -> dict[str, Any]:
+        """The numbers as a plain dict (counts, error rate, latency quantiles, tokens, cost),
+        ready for JSON or a summary."""
         count = self.count
         elapsed = (self.last - self.started) if self.started is not None else 0.0
         errors = {k: v for k, v in self.outcomes.items() if k != "ok"}
@@ -235,6 +241,8 @@ class Metrics:
         self.aggregator = Aggregator(self.config.prices)
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Time the call through the layers inside and record its outcome (a typed error's
+        kind too), tokens and cost; a stream's usage is added when its last event arrives."""
         start = current_time()
         options = request.options
         model = options.model

@@ -435,6 +435,8 @@ class RateLimit:
         return queue
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Wait until the key's quota admits this attempt's estimated cost, send it, then settle
+        the estimate against the real usage and learn from headers and 429s."""
         key = self._key(request)
         queue = self._queue(key)
         reserved = call_tokens(request, self._counter)

@@ -74,9 +74,12 @@ class RetryBudget:
         self.balance = reserve
 
     def deposit(self) -> None:
+        """Credit one call's share of a retry, up to ``cap``."""
         self.balance = min(self.cap, self.balance + self.ratio)
 
     def withdraw(self) -> bool:
+        """Take one retry if the budget holds one; False means give up rather than add load to a
+        struggling provider."""
         if self.balance >= 1.0:
             self.balance -= 1.0
             return True
@@ -116,6 +119,8 @@ class RetryPolicy:
         return jitter * ceiling
 
     def retryable(self, error: CorralError) -> bool:
+        """Whether sending again could help: the server's ``x-should-retry`` first, then a
+        request already sent when ``retry_sent`` is off, then the error class."""
         if isinstance(error, APIError) and error.should_retry is not None:
             return error.should_retry
         if isinstance(error, TransportError) and error.request_sent and not self.retry_sent:
@@ -201,6 +206,8 @@ class Retry:
         self.retries: dict[str, int] = {}
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Send the request, and after a retryable failure wait and send it again, per the
+        policy, the deadline and the budget."""
         self.budget.deposit()
         call = request.options.call
         attempt = 0

@@ -140,6 +140,8 @@ class SemanticCache:
             return None  # no embedding, no semantic lookup: the call goes through as usual
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Answer a chat call from an earlier answer to a question close enough to it; otherwise
+        call on and remember the answer."""
         if not request.url.endswith("/chat/completions") or not request.body:
             return await call_next(request)
         call = request.options.call

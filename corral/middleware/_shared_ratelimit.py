@@ -256,6 +256,8 @@ class SharedRateLimit:
                     never(other)
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Wait until the shared Redis quota admits this attempt, then send it; if Redis is
+        unreachable, fall back or fail as ``on_unavailable`` says."""
         reserved = call_tokens(request, self._counter)
         if not self._redis_usable() or not await self._acquire(request, reserved):
             if self.config.on_unavailable == "fail":

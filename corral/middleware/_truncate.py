@@ -217,6 +217,8 @@ class Truncate:
                 never(fit)
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Shorten a chat body that would not fit its model's window (as little as possible,
+        ``fit_messages``) before calling on; ``ContextLengthExceeded`` when it cannot fit."""
         call = request.options.call
         body = _chat_body(request, call)
         if body is None:
