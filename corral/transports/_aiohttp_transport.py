@@ -104,6 +104,8 @@ class AiohttpTransport:
         return self._session
 
     async def __call__(self, request: Request) -> Response:
+        """Send ``request`` on the session and return once the response head arrives; aiohttp's
+        exceptions come out as corral's typed errors."""
         session = self._get_session()
         request.headers.raw()  # InvalidInput for a bad header, as on every transport (cached)
         timeouts = request.options.timeouts or self._timeouts
@@ -155,6 +157,8 @@ class AiohttpTransport:
         )
 
     async def aclose(self) -> None:
+        """Close the session if this transport made it; a session passed in stays open for its
+        owner."""
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None

@@ -60,9 +60,13 @@ class Transport(Protocol):
     ``base_url`` at the final location.)
     """
 
-    async def __call__(self, request: Request) -> Response: ...
+    async def __call__(self, request: Request) -> Response:
+        """Send ``request`` and return the response as soon as its head arrives (the body may
+        still be streaming); wire failures raise typed ``TransportError``s."""
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Close pooled connections and any client the transport created, so no socket outlives
+        it."""
 
 
 @attrs.frozen

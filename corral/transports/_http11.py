@@ -152,6 +152,9 @@ class H11Transport:
         return self._open
 
     async def __call__(self, request: Request) -> Response:
+        """Send ``request`` on a pooled (or new) connection and return once the response head
+        arrives. A reused connection the server had closed (no response byte) is replaced and
+        the request sent once more (a ``TransportResent`` event)."""
         if self._closed:
             raise errors.ConnectError("transport is closed")
         origin, target = split_url(request.url)
@@ -198,6 +201,7 @@ class H11Transport:
         raise watch.error()
 
     async def aclose(self) -> None:
+        """Refuse further requests and close the idle pooled connections."""
         self._closed = True
         idle = [c for conns in self._idle.values() for c in conns]
         self._idle.clear()

@@ -146,6 +146,8 @@ class HttpxTransport:
         self._max_response_bytes = max_response_bytes
 
     async def __call__(self, request: Request) -> Response:
+        """Send ``request`` with the httpx client and return once the response head arrives;
+        httpx's exceptions come out as corral's typed errors."""
         module = self._module
         timeouts = request.options.timeouts or self._timeouts
         request.headers.raw()  # InvalidInput for a bad header, as on every transport (cached)
@@ -200,6 +202,8 @@ class HttpxTransport:
         )
 
     async def aclose(self) -> None:
+        """Close the httpx client if this transport made it; a client passed in stays open for
+        its owner."""
         if self._owns_client:
             await self._client.aclose()
 

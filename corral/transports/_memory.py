@@ -21,6 +21,8 @@ class MemoryTransport:
         self.calls = 0
 
     async def __call__(self, request: Request) -> Response:
+        """Count the call and return what ``handler`` returns (awaited if it is a coroutine);
+        what it raises propagates as it is."""
         self.calls += 1
         result = self._handler(request)
         if inspect.isawaitable(result):
@@ -28,4 +30,5 @@ class MemoryTransport:
         return result
 
     async def aclose(self) -> None:
+        """Nothing to release; present so a ``MemoryTransport`` fits wherever a transport does."""
         return None
