@@ -15,10 +15,18 @@ __all__ = ["MemoryStore", "SQLiteStore", "Store"]
 
 
 class Store(Protocol):
-    async def get(self, key: str) -> bytes | None: ...
+    """What the response cache needs from a backend: bytes by key with a TTL. Any object with
+    these four methods works (``MemoryStore``, ``SQLiteStore``, ``RedisStore``)."""
 
-    async def set(self, key: str, value: bytes, ttl: float | None) -> None: ...
+    async def get(self, key: str) -> bytes | None:
+        """The value stored under ``key``, or None when there is none or it has expired."""
 
-    async def delete(self, key: str) -> None: ...
+    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (None: until evicted), replacing any
+        earlier value."""
 
-    async def aclose(self) -> None: ...
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` if present, to invalidate an entry before its TTL ends."""
+
+    async def aclose(self) -> None:
+        """Release what the store holds (connections, files); the client calls it when it closes."""

@@ -18,6 +18,9 @@ __all__ = ["MemoryStore"]
 
 
 class MemoryStore:
+    """The in-process store: an LRU bounded by ``max_entries`` and ``max_bytes`` with per-entry
+    TTLs on the loop's clock; lost when the process ends."""
+
     def __init__(
         self,
         *,
@@ -34,6 +37,7 @@ class MemoryStore:
         self._pace = Pacer()
 
     async def get(self, key: str) -> bytes | None:
+        """The value under ``key`` if it has not expired, marking it recently used."""
         await self._pace()
         item = self._items.get(key)
         if item is None:
@@ -46,6 +50,8 @@ class MemoryStore:
         return value
 
     async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        """Store ``value`` for ``ttl`` seconds, evicting the least recently used entries past
+        either bound; a value bigger than ``max_bytes`` is not stored."""
         await self._pace()
         if len(value) > self.max_bytes:
             return  # would evict everything and still not fit
@@ -58,6 +64,7 @@ class MemoryStore:
             self._drop(next(iter(self._items)))
 
     async def delete(self, key: str) -> None:
+        """Remove ``key`` if present."""
         await self._pace()
         if key in self._items:
             self._drop(key)
@@ -70,5 +77,6 @@ class MemoryStore:
         return len(self._items)
 
     async def aclose(self) -> None:
+        """Drop every entry, freeing the memory."""
         self._items.clear()
         self.size = 0

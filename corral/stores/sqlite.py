@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS corral_cache (
 
 
 class SQLiteStore:
+    """The embedded, persistent store: one SQLite file (WAL, mode 0600) that survives restarts
+    and that several processes may share; expiry is on wall time so it means the same in each."""
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -75,13 +78,17 @@ class SQLiteStore:
         ).rowcount
 
     async def get(self, key: str) -> bytes | None:
+        """The value under ``key`` if it has not expired, read in a worker thread."""
         return await anyio.to_thread.run_sync(self._get, key, limiter=self._lock)
 
     async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        """Store ``value`` for ``ttl`` seconds (None: no expiry), written in a worker thread."""
         await anyio.to_thread.run_sync(self._set, key, value, ttl, limiter=self._lock)
 
     async def delete(self, key: str) -> None:
+        """Remove ``key`` if present."""
         await anyio.to_thread.run_sync(self._delete, key, limiter=self._lock)
 
     async def aclose(self) -> None:
+        """Close the database connection."""
         await anyio.to_thread.run_sync(self._db.close, limiter=self._lock)
