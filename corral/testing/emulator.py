@@ -64,6 +64,9 @@ ROUTES = (("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("GET", 
 
 
 class Fault(enum.Enum):
+    """A failure the emulator injects at random (``EmulatorConfig.faults``), one per kind a real
+    provider or network shows."""
+
     RATE_LIMIT = "429"
     SERVER_ERROR = "500"
     UNAVAILABLE = "503"
@@ -84,14 +87,18 @@ class Latency:
 
     @classmethod
     def fixed(cls, seconds: float) -> Latency:
+        """Every request waits ``seconds`` before its first byte."""
         return cls("fixed", seconds)
 
     @classmethod
     def uniform(cls, low: float, high: float) -> Latency:
+        """Waits drawn uniformly between ``low`` and ``high`` seconds."""
         return cls("uniform", low, high)
 
     @classmethod
     def lognormal(cls, median: float, sigma: float) -> Latency:
+        """Waits with median ``median`` seconds and a long tail (``sigma``), as real providers
+        show."""
         return cls("lognormal", median, sigma)
 
     @classmethod
@@ -104,6 +111,7 @@ class Latency:
         return cls(kind, float(a), float(b or 0))
 
     def sample(self, rng: random.Random) -> float:
+        """One wait, drawn from ``rng`` so a seeded emulator repeats itself."""
         if self.kind == "uniform":
             return rng.uniform(self.a, self.b)
         if self.kind == "lognormal":
@@ -133,6 +141,9 @@ def default_reply(body: Mapping[str, Any]) -> str:
 @attrs.frozen
 class EmulatorConfig:
     #: Accepted keys; None accepts any non-empty Bearer key.
+    """How the emulated provider behaves: keys it accepts, latency, RPM/TPM limits, injected
+    faults, models and their context windows. Frozen; ``seed`` makes runs repeatable."""
+
     api_keys: frozenset[str] | None = None
     latency: Latency = Latency()
     #: Streaming pace; None sends every chunk at once.
@@ -220,6 +231,8 @@ class Emulator:
     def handle(
         self, now: float, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> Plan:
+        """The provider's answer to one request at ``now``: a ``Plan`` (status, headers, body or
+        events, delay, fault) that a server or the simulator carries out."""
         if path == "/_corral/counts":  # the emulator's own counters, for tests and benchmarks
             return Plan(200, (("content-type", "application/json"),), jsonlib.dumps(self.counts))
         self.counts["received"] += 1

@@ -432,6 +432,7 @@ class RunningEmulator:
 
     @property
     def base_url(self) -> str:
+        """The URL to give a client (``.../v1``), with the port the server bound."""
         return f"{self.scheme}://{self.host}:{self.port}/v1"
 
     @property
@@ -445,6 +446,7 @@ class RunningEmulator:
         return len(self._connections) if self._connections is not None else 0
 
     def stop(self) -> None:
+        """Stop the server's loop and join its thread (bounded); safe to call twice."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return

@@ -21,6 +21,9 @@ __all__ = ["SimulatedProvider"]
 
 
 class SimulatedProvider:
+    """A handler that answers like the emulator without sockets, waiting its latency on the
+    loop's clock, so a simulation under trio's ``MockClock`` runs in virtual time."""
+
     def __init__(
         self,
         config: EmulatorConfig | None = None,
@@ -35,9 +38,12 @@ class SimulatedProvider:
 
     @property
     def counts(self) -> dict[str, int]:
+        """Requests received, per outcome (a copy)."""
         return dict(self.emulator.counts)
 
     async def __call__(self, request: Request) -> Response:
+        """Answer ``request`` as the emulator would at this moment; a reset or a hang comes out
+        as the typed error a transport would raise."""
         path = "/" + request.url.split("://", 1)[-1].split("/", 1)[-1]
         plan = self.emulator.handle(
             self._clock(), request.method, path, dict(request.headers.items()), request.body
@@ -52,4 +58,5 @@ class SimulatedProvider:
         return Response(plan.status, Headers(plan.headers), body)
 
     async def aclose(self) -> None:
+        """Nothing to release; present so the simulator fits wherever a transport does."""
         return None
