@@ -297,11 +297,14 @@ class Client:
         return chunks
 
     async def embed(self, input: str | Sequence[str], *, model: str, **params: Any) -> Embeddings:
+        """Embeddings of ``input`` (one string or several) with ``model``, through the stack."""
         body = {"model": model, "input": input, **params}
         response = await self._checked(self.build_request("/embeddings", body))
         return decode_embeddings(response, secrets=self._secrets)
 
     async def models(self) -> list[str]:
+        """The model ids the endpoint serves (``GET /models``), e.g. to check a name before a
+        run."""
         response = await self._checked(self.build_request("/models", None))
         return decode_models(response, secrets=self._secrets)
 
@@ -373,9 +376,11 @@ class SyncClient:
     def chat(
         self, messages: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any
     ) -> ChatCompletion:
+        """``Client.chat``, blocking: the completion, or the typed error it raised."""
         return self._portal.call(lambda: self._client.chat(messages, **kwargs))
 
     def embed(self, input: str | Sequence[str], **kwargs: Any) -> Embeddings:
+        """``Client.embed``, blocking."""
         return self._portal.call(lambda: self._client.embed(input, **kwargs))
 
     def stream_chat(
@@ -404,6 +409,8 @@ class SyncClient:
             self._portal.call(receive.aclose)
 
     def map(self, bodies: Iterable[Mapping[str, Any]], **kwargs: Any) -> list[MapResult]:
+        """``Client.map``, blocking: every result, in completion order unless ``ordered=True``."""
+
         async def collect() -> list[MapResult]:
             collected: list[MapResult] = []
             async with self._client.map(bodies, **kwargs) as results:
@@ -414,9 +421,11 @@ class SyncClient:
 
     @property
     def metrics(self) -> Aggregator | None:
+        """The numbers of the stack's ``Metrics`` layer, if it has one."""
         return self._client.metrics
 
     def close(self) -> None:
+        """Close the client (transport and layers) and stop the thread running its loop."""
         try:
             self._portal.call(self._client.aclose)
         finally:

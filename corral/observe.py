@@ -29,6 +29,8 @@ class LogSink:
         self._log = logger or logging.getLogger("corral.events")
 
     def __call__(self, event: Event) -> None:
+        """Log ``event`` at DEBUG with its fields in ``record.corral_event``; nothing is
+        formatted when DEBUG is off."""
         if self._log.isEnabledFor(logging.DEBUG):
             fields = event_fields(event)
             self._log.debug("%s %s", event.name, _brief(fields), extra={"corral_event": fields})
@@ -49,10 +51,13 @@ class TraceFile:
             raise InvalidInput(f"--trace {path}: cannot write it ({exc.strerror})") from None
 
     def __call__(self, event: Event) -> None:
+        """Append ``event`` as one JSON line in a single write, so concurrent calls never
+        interleave lines."""
         if self._fd >= 0:
             os.write(self._fd, jsonlib.dumps(event_fields(event)) + b"\n")
 
     def close(self) -> None:
+        """Close the file; later events are dropped rather than raising in the middle of a call."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
