@@ -38,7 +38,7 @@ from corral.core._tokens import (
     estimate_request_tokens,
     max_output_tokens,
 )
-from corral.core._wire import response_usage
+from corral.core._wire import Usage, response_usage
 from corral.middleware._metrics import DEFAULT_PRICES, Price
 
 __all__ = [
@@ -453,32 +453,39 @@ class BatchRunner:
     def _result(
         self, custom_id: str, request: Request, response: Response
     ) -> tuple[bytes, CorralError | None]:
-        """The output line for ``response``: what the provider sent, scrubbed of the client's
-        credentials (a relay may echo them), and the error it stands for, if any."""
-        client = self.client
-        request_id = response.request_id and client.scrub(response.request_id)
-        error: CorralError | None = client.error_for(request, response)
-        try:
-            body = self._scrubbed_json(response)
-        except jsonlib.JSONDecodeError:
-            if error is None:
-                error = MalformedResponse(f"HTTP {response.status} body is not JSON")
-            payload = {"status_code": response.status, "request_id": request_id, "body": None}
-            return _line(custom_id, payload, _error(error.kind, error.message)), error
-        payload = {"status_code": response.status, "request_id": request_id, "body": body}
-        if error is None:
-            usage = response_usage(response)
-            if usage is not None:
-                self.report.tokens_in += usage.prompt_tokens
-                self.report.tokens_out += usage.completion_tokens
-            return _line(custom_id, payload, None), None
-        return _line(custom_id, payload, _error(error.kind, error.message)), error
+        line, error, usage = result_record(self.client, custom_id, request, response)
+        if usage is not None:
+            self.report.tokens_in += usage.prompt_tokens
+            self.report.tokens_out += usage.completion_tokens
+        return line, error
 
-    def _scrubbed_json(self, response: Response) -> Any:
-        parsed = response.json()
-        text = response.body.decode("utf-8", "replace")
-        clean = self.client.scrub(text)
-        return parsed if clean is text else jsonlib.loads(clean)
+
+def result_record(
+    client: Client, custom_id: str, request: Request, response: Response
+) -> tuple[bytes, CorralError | None, Usage | None]:
+    """The output line for ``response``: what the provider sent, scrubbed of the client's
+    credentials (a relay may echo them), the error it stands for, if any, and the usage of a
+    success (also for the Ray actors, corral.integrations.ray)."""
+    request_id = response.request_id and client.scrub(response.request_id)
+    error: CorralError | None = client.error_for(request, response)
+    try:
+        body = _scrubbed_json(client, response)
+    except jsonlib.JSONDecodeError:
+        if error is None:
+            error = MalformedResponse(f"HTTP {response.status} body is not JSON")
+        payload = {"status_code": response.status, "request_id": request_id, "body": None}
+        return _line(custom_id, payload, _error(error.kind, error.message)), error, None
+    payload = {"status_code": response.status, "request_id": request_id, "body": body}
+    if error is None:
+        return _line(custom_id, payload, None), None, response_usage(response)
+    return _line(custom_id, payload, _error(error.kind, error.message)), error, None
+
+
+def _scrubbed_json(client: Client, response: Response) -> Any:
+    parsed = response.json()
+    text = response.body.decode("utf-8", "replace")
+    clean = client.scrub(text)
+    return parsed if clean is text else jsonlib.loads(clean)
 
 
 @attrs.frozen
