@@ -1,8 +1,11 @@
-"""Shared fixtures: both async backends, every transport, a live emulator."""
+"""Shared fixtures: both async backends, every transport, a live emulator, a Redis server.
+
+Fixtures only; the helpers and constants tests import live in ``tests/support.py``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 # Imported up front: imported late, inside pytest's failure summary, hypothesis hits a CPython
@@ -13,9 +16,7 @@ import pytest
 from corral.core._models import Timeouts
 from corral.testing.server import RunningEmulator, serve_in_thread
 from corral.transports._base import Transport
-
-#: The canary key: the secrets tests assert that no piece of it leaks anywhere.
-CANARY_KEY = "sk-canary-Zq8xW3vT9pL2mN5bR7yK"
+from tests.support import TRANSPORTS, TransportFactory, make_transport
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -27,26 +28,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 def emulator() -> Iterator[RunningEmulator]:
     with serve_in_thread() as running:
         yield running
-
-
-TransportFactory = Callable[..., Transport]
-
-TRANSPORTS = ["h11", "httpx", "httpx2", "aiohttp"]
-
-
-def make_transport(name: str, **kwargs: Any) -> Transport:
-    """Build a transport by name with the options all of them share."""
-    if name == "h11":
-        from corral.transports._http11 import H11Transport
-
-        return H11Transport(**kwargs)
-    if name in ("httpx", "httpx2"):
-        from corral.transports._httpx_transport import HttpxTransport
-
-        return HttpxTransport(package=name, **kwargs)
-    from corral.transports._aiohttp_transport import AiohttpTransport
-
-    return AiohttpTransport(**kwargs)
 
 
 @pytest.fixture(params=TRANSPORTS)

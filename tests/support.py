@@ -6,12 +6,36 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from corral.transports._base import Transport
+
 #: The canary key: the secrets tests assert that no piece of it leaks anywhere.
 CANARY_KEY = "sk-canary-Zq8xW3vT9pL2mN5bR7yK"
+
+#: Builds a transport of the parametrized kind (the ``transport_factory`` fixture).
+TransportFactory = Callable[..., Transport]
+
+#: Every transport the conformance suite runs (aiohttp only on asyncio).
+TRANSPORTS = ["h11", "httpx", "httpx2", "aiohttp"]
+
+
+def make_transport(name: str, **kwargs: Any) -> Transport:
+    """Build a transport by name with the options all of them share."""
+    if name == "h11":
+        from corral.transports._http11 import H11Transport
+
+        return H11Transport(**kwargs)
+    if name in ("httpx", "httpx2"):
+        from corral.transports._httpx_transport import HttpxTransport
+
+        return HttpxTransport(package=name, **kwargs)
+    from corral.transports._aiohttp_transport import AiohttpTransport
+
+    return AiohttpTransport(**kwargs)
+
 
 #: Runs ``corral.cli.main`` in a child process (the same code as the console script).
 CHILD = "import sys\nfrom corral.cli import main\nsys.exit(main(sys.argv[1:]))\n"

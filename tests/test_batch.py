@@ -18,35 +18,9 @@ from corral.cli import main
 from corral.core import _errors as errors
 from corral.testing.emulator import EmulatorConfig
 from corral.testing.server import RunningEmulator, serve_in_thread
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY, read_output, write_input
 
 pytestmark = pytest.mark.anyio
-
-
-def write_input(path: Path, n: int, *, extra: list[str] | None = None) -> None:
-    with path.open("w") as f:
-        for i in range(n):
-            f.write(
-                json.dumps(
-                    {
-                        "custom_id": f"r{i}",
-                        "method": "POST",
-                        "url": "/v1/chat/completions",
-                        "body": {
-                            "model": "gpt-4o-mini",
-                            "max_tokens": 5,
-                            "messages": [{"role": "user", "content": f"item {i}"}],
-                        },
-                    }
-                )
-                + "\n"
-            )
-        for line in extra or []:
-            f.write(line + "\n")
-
-
-def read_output(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_bytes().splitlines()]
 
 
 def test_line_parsing_names_the_problem() -> None:

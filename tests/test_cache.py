@@ -26,7 +26,7 @@ from corral.stores import MemoryStore, SQLiteStore, Store
 from corral.stores.redis import RedisStore
 from corral.testing.server import RunningEmulator
 from corral.transports import MemoryTransport
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY
 
 pytestmark = pytest.mark.anyio
 

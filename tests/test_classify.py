@@ -20,7 +20,7 @@ from corral.core._classify import (
 )
 from corral.core._headers import Headers
 from corral.testing.emulator import format_duration
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from corral._client import Client, SyncClient, default_middleware, resolve_api_k
 from corral.core import _errors as errors
 from corral.testing.emulator import EmulatorConfig, Fault, Latency
 from corral.testing.server import RunningEmulator, serve_in_thread
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY
 
 pytestmark = pytest.mark.anyio
 MESSAGES = [{"role": "user", "content": "Is this good?"}]

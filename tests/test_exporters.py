@@ -14,7 +14,7 @@ from corral.integrations.otel import Tracing
 from corral.integrations.prometheus import register
 from corral.middleware._metrics import Histogram, Metrics, Price
 from corral.testing.server import RunningEmulator
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY
 
 pytestmark = pytest.mark.anyio
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -16,7 +16,7 @@ from corral.middleware._deadline import Deadline
 from corral.testing.server import serve_in_thread
 from corral.transports._http11 import H11Transport
 from tests import hostile
-from tests.conftest import CANARY_KEY, TransportFactory
+from tests.support import CANARY_KEY, TransportFactory
 
 pytestmark = pytest.mark.anyio
 

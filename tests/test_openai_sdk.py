@@ -21,7 +21,7 @@ from corral.integrations.httpx_adapter import (
 from corral.testing.emulator import EmulatorConfig, Fault
 from corral.testing.server import RunningEmulator, serve_in_thread
 from corral.transports import H11Transport
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY
 
 pytestmark = pytest.mark.anyio
 MESSAGES = [{"role": "user", "content": "hello sdk"}]

@@ -14,7 +14,7 @@ import pytest
 
 from corral._client import Client, default_middleware
 from corral.core import _errors as errors
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY
 
 pytestmark = pytest.mark.anyio
 MESSAGES = [{"role": "user", "content": "hi"}]

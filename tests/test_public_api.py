@@ -79,10 +79,14 @@ def _assignment_has_docstring(module_name: str, name: str, seen: set[str]) -> bo
                 and isinstance(following.value, ast.Constant)
                 and isinstance(following.value.value, str)
             )
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if any((alias.asname or alias.name) == name for alias in node.names):
-                importlib.import_module(node.module)
-                return _assignment_has_docstring(node.module, name, seen)
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and any((alias.asname or alias.name) == name for alias in node.names)
+        ):
+            importlib.import_module(node.module)
+            return _assignment_has_docstring(node.module, name, seen)
     return False
 
 

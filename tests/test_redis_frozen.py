@@ -29,7 +29,7 @@ from corral.middleware._deadline import Deadline
 from corral.middleware._shared_ratelimit import RateLimitUnavailable, SharedRateLimit
 from corral.stores.redis import RedisStore
 from corral.transports import MemoryTransport
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY
 
 pytestmark = pytest.mark.anyio
 

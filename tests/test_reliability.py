@@ -23,8 +23,7 @@ from corral.core._models import Timeouts
 from corral.testing.emulator import EmulatorConfig, Fault, Latency
 from corral.testing.server import serve_in_thread
 from corral.transports import H11Transport
-from tests.conftest import CANARY_KEY
-from tests.test_batch import read_output, write_input
+from tests.support import CANARY_KEY, read_output, write_input
 
 pytestmark = pytest.mark.anyio
 

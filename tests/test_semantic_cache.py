@@ -7,7 +7,7 @@ import pytest
 from corral._client import Client, default_middleware
 from corral.middleware._semantic_cache import SemanticCache, cosine
 from corral.testing.server import RunningEmulator
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY
 
 pytestmark = pytest.mark.anyio
 

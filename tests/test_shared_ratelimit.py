@@ -20,7 +20,7 @@ from corral.middleware._shared_ratelimit import RateLimitUnavailable, SharedRate
 from corral.testing.emulator import EmulatorConfig
 from corral.testing.server import serve_in_thread
 from corral.transports import MemoryTransport
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY
 
 pytestmark = pytest.mark.anyio
 

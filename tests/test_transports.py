@@ -21,7 +21,7 @@ from corral.middleware._deadline import Deadline
 from corral.testing.emulator import EmulatorConfig, Fault, Latency
 from corral.testing.server import RunningEmulator, ServerLimits, serve_in_thread
 from tests import hostile
-from tests.conftest import CANARY_KEY, TransportFactory
+from tests.support import CANARY_KEY, TransportFactory
 
 pytestmark = pytest.mark.anyio
 

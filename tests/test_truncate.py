@@ -23,8 +23,8 @@ from corral.core._tokens import (
 from corral.middleware._truncate import Fits, Fitted, TooLong, Truncate, fit_messages
 from corral.testing.server import RunningEmulator
 from corral.transports import MemoryTransport
-from tests.conftest import CANARY_KEY
 from tests.strategies import chat_messages
+from tests.support import CANARY_KEY
 
 pytestmark = pytest.mark.anyio
 COUNTERS = [EstimatingCounter(), BPECounter("o200k_base"), BPECounter("cl100k_base")]

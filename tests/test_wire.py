@@ -19,7 +19,7 @@ from corral.core import (
     errors,
 )
 from corral.core._wire import ChatAccumulator
-from tests.conftest import CANARY_KEY
+from tests.support import CANARY_KEY
 
 
 def ok(body: bytes) -> Response:
