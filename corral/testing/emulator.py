@@ -26,6 +26,7 @@ from corral.core._tokens import (
     count_messages,
     max_output_tokens,
 )
+from corral.testing.batches import BatchConfig, BatchService, LineAnswer
 from corral.testing.quota import Admission, SlidingWindowQuota
 
 __all__ = [
@@ -171,6 +172,8 @@ class EmulatorConfig:
     default_context_window: int = 128_000
     embedding_dimensions: int = 64
     reply: Callable[[Mapping[str, Any]], str] = default_reply
+    #: The Batch API (/v1/files, /v1/batches): timeline, expiry, line faults, queue limit.
+    batches: BatchConfig = attrs.field(factory=BatchConfig)
 
 
 @attrs.frozen
@@ -225,6 +228,7 @@ class Emulator:
         fault_total = sum(self.config.faults.values())
         if fault_total > 1:
             raise ValueError(f"fault rates add up to {fault_total} > 1")
+        self.batches = BatchService(self.config.batches, self._answer_line)
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -242,6 +246,9 @@ class Emulator:
             return self._fail(
                 401, "Incorrect API key provided.", "invalid_api_key", "invalid_request_error", rid
             )
+        if path.startswith(("/v1/files", "/v1/batches")):
+            status, kind, reply = self.batches.handle(now, method, path, headers, body)
+            return Plan(status, (*rid, ("content-type", kind)), reply)
         path = path.split("?", 1)[0]
         if (method, path) not in ROUTES:
             served = ", ".join(f"{m} {p}" for m, p in ROUTES)
@@ -440,6 +447,17 @@ class Emulator:
             },
             delay=self.config.latency.sample(self._rng),
         )
+
+    def _answer_line(
+        self, now: float, url: str, headers: Mapping[str, str], body: bytes
+    ) -> LineAnswer:
+        """One line of a batch, answered as the live route answers it; a fault that would
+        break the connection (reset, hang, a cut body) is a 500 record."""
+        plan = self.handle(now, "POST", url, headers, body)
+        request_id = dict(plan.headers).get("x-request-id", "")
+        if plan.fault is not None or plan.events is not None:
+            return 500, _error(500, "The server had an error.", None, "server_error"), request_id
+        return plan.status, plan.body, request_id
 
     # -- helpers ----------------------------------------------------------------------------
 

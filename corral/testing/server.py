@@ -59,6 +59,8 @@ class ServerLimits:
 
     #: Bytes of request body; a longer Content-Length is answered 413 without reading the body.
     max_body: int = 32 * 1024 * 1024
+    #: ``max_body`` for a file upload (``POST /v1/files``): a Batch API input may be 200 MB.
+    max_upload: int = 256 * 1024 * 1024
     #: Bytes of request line plus headers; a longer head is answered 431.
     max_head: int = 64 * 1024
     #: Seconds from a request's first byte (or from the connection's opening) to its last.
@@ -95,7 +97,7 @@ class _Head(NamedTuple):
     length: int
 
 
-def _parse_head(buf: bytearray, end: int, max_body: int) -> _Head:
+def _parse_head(buf: bytearray, end: int, max_body: int, max_upload: int = 0) -> _Head:
     """The request head ending at ``end`` (the blank line); ``_BadRequest`` says what is wrong."""
     lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
     try:
@@ -117,6 +119,8 @@ def _parse_head(buf: bytearray, end: int, max_body: int) -> _Head:
     if not (raw.isascii() and raw.isdigit()):
         raise _BadRequest(400, f"bad Content-Length {raw[:40]!r}: expected a non-negative integer")
     length = int(raw)
+    if method == "POST" and path.split("?", 1)[0] == "/v1/files":
+        max_body = max(max_body, max_upload)
     if length > max_body:
         raise _BadRequest(
             413, f"a request body of {length} bytes is over this server's {max_body}-byte limit"
@@ -310,7 +314,9 @@ class _Protocol(asyncio.Protocol):
                     self._scanned = max(0, len(self._buf) - 3)
                     break
                 try:
-                    head = self._head = _parse_head(self._buf, end, self._limits.max_body)
+                    head = self._head = _parse_head(
+                        self._buf, end, self._limits.max_body, self._limits.max_upload
+                    )
                 except _BadRequest as exc:
                     self._refuse(exc.status, str(exc))
                     return

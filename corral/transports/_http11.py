@@ -14,6 +14,8 @@ read timeout in total, however many ``1xx`` come first.
 Bodies: sent with ``Accept-Encoding: identity`` and never inflated (an encoded body is refused);
 at most ``max_response_bytes``. A connection is pooled again only when nothing unread follows
 the response, so bytes a server sends past its answer never become the next request's answer.
+A request body too big to hold (a file upload) goes out in pieces through ``send_streaming``,
+each piece under the write timeout.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -46,13 +49,23 @@ from corral.transports._base import (
     split_url,
 )
 
-__all__ = ["H11Transport"]
+__all__ = ["BodySource", "H11Transport"]
 
 _READ_SIZE = 65536
 _END = h11.EndOfMessage()  # events are immutable; one serves every request
 _NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _IDENTITY = (b"accept-encoding", b"identity")
+
+
+class BodySource(Protocol):
+    """A request body read as it is sent (a file upload): its exact length in bytes, and a
+    fresh generator of its pieces for each attempt (a stale connection sends it again)."""
+
+    @property
+    def length(self) -> int: ...
+
+    def chunks(self) -> AsyncGenerator[bytes, None]: ...
 
 
 class _Stale(Exception):
@@ -155,6 +168,20 @@ class H11Transport:
         """Send ``request`` on a pooled (or new) connection and return once the response head
         arrives. A reused connection the server had closed (no response byte) is replaced and
         the request sent once more (a ``TransportResent`` event)."""
+        return await self._request(request, None)
+
+    async def send_streaming(self, request: Request, body: BodySource) -> Response:
+        """Send ``request`` with ``body`` in place of ``request.body`` (which must be empty),
+        read piece by piece as it goes out, so a file of any size costs one piece of memory.
+
+        Wrap it in a handler to put middleware around it:
+        ``build_stack([Retry()], lambda r: transport.send_streaming(r, body))``.
+        """
+        if request.body:
+            raise errors.InvalidInput("send_streaming: the request has a body already")
+        return await self._request(request, body)
+
+    async def _request(self, request: Request, source: BodySource | None) -> Response:
         if self._closed:
             raise errors.ConnectError("transport is closed")
         origin, target = split_url(request.url)
@@ -170,13 +197,17 @@ class H11Transport:
                 lease = _Lease(self, origin)
                 conn = lease.conn = await self._checkout(origin, timeouts, watch)
                 try:
-                    status, headers = await self._exchange(conn, request, target, timeouts, watch)
+                    status, headers = await self._exchange(
+                        conn, request, target, timeouts, watch, source
+                    )
                 except _Stale:
                     request.options.call.emit(
                         TransportResent, self._clock(), reason="a reused connection closed unread"
                     )
                     conn = lease.conn = await self._connect(origin, timeouts, watch)
-                    status, headers = await self._exchange(conn, request, target, timeouts, watch)
+                    status, headers = await self._exchange(
+                        conn, request, target, timeouts, watch, source
+                    )
                 first_byte = self._clock()
                 check_head(status, headers, self._max_response_bytes)
                 body = _Body(lease, timeouts, request.headers, self._max_response_bytes)
@@ -324,13 +355,15 @@ class H11Transport:
         target: str,
         timeouts: Timeouts,
         watch: PhaseWatch,
+        source: BodySource | None = None,
     ) -> tuple[int, Headers]:
         reused = conn.idle_since > 0
         headers = [(b"host", conn.origin.host_bytes)]
         if "accept-encoding" not in request.headers:
             headers.append(_IDENTITY)
-        if request.body or request.method in ("POST", "PUT", "PATCH"):
-            headers.append((b"content-length", str(len(request.body)).encode()))
+        length = len(request.body) if source is None else source.length
+        if length or request.method in ("POST", "PUT", "PATCH"):
+            headers.append((b"content-length", str(length).encode()))
         extra = request.headers
         if "host" in extra or "content-length" in extra:
             extra = extra.without("host").without("content-length")
@@ -347,17 +380,14 @@ class H11Transport:
             data = conn.h11.send(head)
             if request.body:
                 data += conn.h11.send(h11.Data(data=request.body))
-            data += conn.h11.send(_END)
+            if source is None:
+                data += conn.h11.send(_END)
         except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
             raise errors.InvalidInput(f"cannot encode request: {exc}") from None
-        stream = conn.stream
         try:
-            if not isinstance(stream, AsyncioStream):
-                watch.start("write", timeouts.write)
-                await stream.send(data)
-            elif stream.write(data):  # the kernel buffer is full: time the wait for it
-                watch.start("write", timeouts.write)
-                await stream.drain()
+            await self._write(conn, data, timeouts, watch)
+            if source is not None:
+                await self._write_pieces(conn, source, timeouts, watch)
         except _NETWORK_ERRORS as exc:
             await self._discard(conn)
             if reused:
@@ -377,6 +407,40 @@ class H11Transport:
                     f"connection closed before a response ({type(event).__name__})",
                     request_sent=True,
                 )
+
+    async def _write(
+        self, conn: _Connection, data: bytes, timeouts: Timeouts, watch: PhaseWatch
+    ) -> None:
+        stream = conn.stream
+        if not isinstance(stream, AsyncioStream):
+            watch.start("write", timeouts.write)
+            await stream.send(data)
+        elif stream.write(data):  # the kernel buffer is full: time the wait for it
+            watch.start("write", timeouts.write)
+            await stream.drain()
+
+    async def _write_pieces(
+        self, conn: _Connection, source: BodySource, timeouts: Timeouts, watch: PhaseWatch
+    ) -> None:
+        """``source``'s pieces, each written (and its buffer drained) before the next is read;
+        a source longer or shorter than it said is refused before its end goes out."""
+        async with contextlib.aclosing(source.chunks()) as pieces:
+            async for piece in pieces:
+                if piece:
+                    try:
+                        data = conn.h11.send(h11.Data(data=piece))
+                    except h11.LocalProtocolError:
+                        raise errors.InvalidInput(
+                            f"the request body is longer than its stated {source.length} bytes"
+                        ) from None
+                    await self._write(conn, data, timeouts, watch)
+        try:
+            end = conn.h11.send(_END)
+        except h11.LocalProtocolError:
+            raise errors.InvalidInput(
+                f"the request body is shorter than its stated {source.length} bytes"
+            ) from None
+        await self._write(conn, end, timeouts, watch)
 
     async def _receive(self, conn: _Connection, *, stale_ok: bool = False) -> bytes:
         try:
