@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any
 
 import anyio
@@ -385,9 +392,9 @@ class SyncClient:
 
     def stream_chat(
         self, messages: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any
-    ) -> Iterator[ChatChunk]:
+    ) -> Generator[ChatChunk, None, None]:
         """Chunks as they arrive. One task on the client's loop reads the stream and hands
-        chunks over a small buffer; closing the iterator early cancels it."""
+        chunks over a small buffer; ``close()`` before the end cancels it."""
         send, receive = anyio.create_memory_object_stream[ChatChunk](16)
 
         async def pump() -> None:

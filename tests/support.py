@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from corral.core import Handler, Request
 from corral.transports._base import Transport
 
 #: The canary key: the secrets tests assert that no piece of it leaks anywhere.
@@ -20,6 +21,17 @@ TransportFactory = Callable[..., Transport]
 
 #: Every transport the conformance suite runs (aiohttp only on asyncio).
 TRANSPORTS = ["h11", "httpx", "httpx2", "aiohttp"]
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A redis-py reply as bytes (its types allow str; a client without decode_responses
+    returns bytes)."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+async def send(handler: Handler, request: Request) -> None:
+    """``await handler(request)`` as a coroutine function, for ``TaskGroup.start_soon``."""
+    await handler(request)
 
 
 def make_transport(name: str, **kwargs: Any) -> Transport:

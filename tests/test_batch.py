@@ -60,9 +60,9 @@ async def test_every_custom_id_exactly_once_with_bad_lines(
     ids = Counter(r["custom_id"] for r in records)
     assert set(ids.values()) == {1} and len(ids) == 52
     bad = [r for r in records if r["error"] is not None]
-    assert len(bad) == 2 and all("in.jsonl:" in r["error"]["message"] for r in bad)  # type: ignore[index]
+    assert len(bad) == 2 and all("in.jsonl:" in r["error"]["message"] for r in bad)
     ok = next(r for r in records if r["custom_id"] == "r0")
-    assert ok["response"]["status_code"] == 200 and ok["response"]["body"]["usage"]  # type: ignore[index]
+    assert ok["response"]["status_code"] == 200 and ok["response"]["body"]["usage"]
     assert runner.report.succeeded == 50 and runner.report.failed["invalid_input"] == 2
     assert CANARY_KEY not in out.read_text() and out.stat().st_mode & 0o777 == 0o600
 
@@ -305,8 +305,8 @@ def test_prepare_fills_a_template_from_csv_and_jsonl(
     )
     lines = read_output(out)
     assert [line["custom_id"] for line in lines] == ["A1", "A2"]
-    assert lines[0]["body"]["messages"][1]["content"] == "Sentiment of: Great, fast"  # type: ignore[index]
-    assert lines[0]["body"]["max_tokens"] == 3  # type: ignore[index]
+    assert lines[0]["body"]["messages"][1]["content"] == "Sentiment of: Great, fast"
+    assert lines[0]["body"]["max_tokens"] == 3
     jsonl_rows = tmp_path / "rows.jsonl"
     jsonl_rows.write_text('{"review": "ok"}\n{"text": "no review field"}\n')
     assert (

@@ -635,7 +635,7 @@ def test_every_refusal_is_one_line_and_exit_2(
     for module in forgotten:
         monkeypatch.delitem(sys.modules, module, raising=False)
     for module in blocked:
-        monkeypatch.setitem(sys.modules, module, None)  # type: ignore[arg-type]
+        monkeypatch.setitem(sys.modules, module, None)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -751,6 +751,7 @@ class _EchoKey(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         auth = self.headers.get("authorization", "")
+        answer: dict[str, object]
         if "bad" in body["messages"][0]["content"]:
             status, answer = 400, {"error": {"message": f"rejected {auth}", "code": auth}}
         else:

@@ -26,7 +26,7 @@ from corral.stores import MemoryStore, SQLiteStore, Store
 from corral.stores.redis import RedisStore
 from corral.testing.server import RunningEmulator
 from corral.transports import MemoryTransport
-from tests.support import CANARY_KEY
+from tests.support import CANARY_KEY, as_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -206,7 +206,7 @@ async def test_no_secret_reaches_any_store(tmp_path: Path, redis_url: str) -> No
     raw = sqlite_path.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("c.db-*"))
     client = redis.Redis.from_url(redis_url)
     for key in client.keys("secret-test:*"):
-        raw += key + (client.get(key) or b"")
+        raw += as_bytes(key) + as_bytes(client.get(key) or b"")
     assert raw  # something was stored
     for i in range(len(CANARY_KEY) - 7):
         assert CANARY_KEY[i : i + 8].encode() not in raw

@@ -86,6 +86,9 @@ def test_faults_are_seeded_and_counted() -> None:
 def test_embeddings_are_deterministic_and_similar_texts_are_close() -> None:
     emu = Emulator()
 
+    def cos(x: tuple[float, ...], y: tuple[float, ...]) -> float:
+        return sum(i * j for i, j in zip(x, y, strict=True))
+
     def vec(text: str) -> tuple[float, ...]:
         reply = call(emu, {"model": "text-embedding-3-small", "input": text}, path="/v1/embeddings")
         return decode_embeddings(reply).vectors[0]
@@ -96,7 +99,6 @@ def test_embeddings_are_deterministic_and_similar_texts_are_close() -> None:
         vec("stock prices fell"),
     )
     assert a == vec("the cat sat on the mat today")
-    cos = lambda x, y: sum(i * j for i, j in zip(x, y, strict=True))  # noqa: E731
     assert cos(a, b) > 0.9 > cos(a, c)
 
 
@@ -130,10 +132,11 @@ def test_unknown_model_is_model_not_found_in_openais_shape() -> None:
     emu = Emulator()
     plan = emu.handle(0, "POST", "/v1/chat/completions", KEY, json.dumps(chat_body()).encode())
     assert plan.status == 200
-    for path, body in [
+    wrong_models: list[tuple[str, dict[str, object]]] = [
         ("/v1/chat/completions", chat_body(model="gpt-4o-mnii")),
         ("/v1/embeddings", {"model": "text-embeding-3-small", "input": "x"}),
-    ]:
+    ]
+    for path, body in wrong_models:
         reply = call(emu, body, path=path)
         assert reply.status == 404
         model = body["model"]

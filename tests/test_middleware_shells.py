@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import anyio
 import pytest
 import trio.testing
@@ -16,6 +18,7 @@ from corral.middleware import (
 from corral.testing.emulator import EmulatorConfig, Latency
 from corral.testing.simulator import SimulatedProvider
 from corral.transports import MemoryTransport
+from tests.support import send
 
 pytestmark = pytest.mark.anyio
 
@@ -52,6 +55,7 @@ async def test_full_stack_in_virtual_time_meets_the_limit_with_no_429s() -> None
     async with anyio.create_task_group() as tg:
         for _ in range(n):
             tg.start_soon(
+                send,
                 stack,
                 api_request(
                     "http://sim/v1",
@@ -98,10 +102,10 @@ async def test_fifo_a_large_request_is_not_starved() -> None:
     stack = build_stack([RateLimit(tpm=6_000, burst_tokens=1_000)], MemoryTransport(handler))
     async with anyio.create_task_group() as tg:
         await stack(chat(900))  # drain the bucket
-        tg.start_soon(stack, chat(1_000))
+        tg.start_soon(send, stack, chat(1_000))
         await anyio.sleep(0.01)
         for _ in range(20):
-            tg.start_soon(stack, chat(50))
+            tg.start_soon(send, stack, chat(50))
             await anyio.sleep(0.001)
     assert order[1] == 1_000
 
@@ -153,7 +157,7 @@ async def test_concurrency_limit_caps_in_flight() -> None:
     stack = build_stack([ConcurrencyLimit(7)], MemoryTransport(handler))
     async with anyio.create_task_group() as tg:
         for _ in range(50):
-            tg.start_soon(stack, chat())
+            tg.start_soon(send, stack, chat())
     assert in_flight[1] == 7
 
 
@@ -183,10 +187,10 @@ async def test_streamed_calls_settle_their_tokens_when_usage_arrives() -> None:
     )
 
     class Once:
-        def __aiter__(self):  # type: ignore[no-untyped-def]
+        def __aiter__(self) -> AsyncIterator[bytes]:
             return self._it()
 
-        async def _it(self):  # type: ignore[no-untyped-def]
+        async def _it(self) -> AsyncIterator[bytes]:
             for i in range(0, len(events), 7):
                 yield events[i : i + 7]
 

@@ -9,9 +9,10 @@ import httpx
 import httpx2
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from corral._client import default_middleware
-from corral.core import build_stack
+from corral.core import Handler, build_stack
 from corral.core._models import Timeouts
 from corral.integrations.httpx_adapter import (
     corral_async_transport,
@@ -24,10 +25,10 @@ from corral.transports import H11Transport
 from tests.support import CANARY_KEY
 
 pytestmark = pytest.mark.anyio
-MESSAGES = [{"role": "user", "content": "hello sdk"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello sdk"}]
 
 
-def stack(max_attempts: int = 8) -> tuple[object, H11Transport]:
+def stack(max_attempts: int = 8) -> tuple[Handler, H11Transport]:
     transport = H11Transport()
     # A generous retry budget: this storm fails 40% of calls, far beyond the default 20%.
     layers = default_middleware(max_attempts=max_attempts, retry_budget=1.0)

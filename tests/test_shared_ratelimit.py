@@ -20,7 +20,7 @@ from corral.middleware._shared_ratelimit import RateLimitUnavailable, SharedRate
 from corral.testing.emulator import EmulatorConfig
 from corral.testing.server import serve_in_thread
 from corral.transports import MemoryTransport
-from tests.support import CANARY_KEY
+from tests.support import CANARY_KEY, as_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -166,7 +166,8 @@ async def test_redis_keys_hold_no_secret(redis_url: str) -> None:
     limiter = SharedRateLimit(redis_url, name="secret-check", rpm=600, tpm=100_000)
     await build_stack([limiter], MemoryTransport(ok))(request())
     client = redis.Redis.from_url(redis_url)
-    blob = b"".join(k + (client.get(k) or b"") for k in client.keys("corral:rl:secret-check:*"))
+    keys = client.keys("corral:rl:secret-check:*")
+    blob = b"".join(as_bytes(k) + as_bytes(client.get(k) or b"") for k in keys)
     assert blob and CANARY_KEY[:8].encode() not in blob and CANARY_KEY[-8:].encode() not in blob
 
 

@@ -52,7 +52,7 @@ def test_bad_id_and_retry_are_ignored() -> None:
 
 
 field_value = st.text(
-    alphabet=st.characters(blacklist_characters="\r\n\x00", blacklist_categories=("Cs",)),
+    alphabet=st.characters(codec="utf-8", exclude_characters="\r\n\x00"),
     max_size=20,
 )
 an_event = st.tuples(

@@ -12,8 +12,8 @@ import anyio
 import pytest
 import trustme
 
+from corral.core import Request, api_request, decode_chat, decode_models
 from corral.core import _errors as errors
-from corral.core import api_request, decode_chat, decode_models
 from corral.core._compose import build_stack
 from corral.core._models import Timeouts
 from corral.core._wire import ChatStreamDecoder
@@ -41,7 +41,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> object:
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
 
 
-def chat(base_url: str, **body: object) -> object:
+def chat(base_url: str, **body: object) -> Request:
     return api_request(base_url, "/chat/completions", {**CHAT, **body}, api_key=CANARY_KEY)
 
 

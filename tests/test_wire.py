@@ -114,7 +114,7 @@ def test_decoding_garbage_raises_only_typed_errors(body: bytes) -> None:
 
 
 def stream_bytes(words: list[str], done: bool = True) -> bytes:
-    events = [
+    events: list[dict[str, object]] = [
         {
             "id": "c",
             "model": "m",
