@@ -22,16 +22,25 @@ __all__ = [
     "BreakerClosed",
     "BreakerOpened",
     "BreakerRefused",
+    "BudgetRefused",
+    "BudgetReserved",
+    "BudgetSettled",
     "CacheHit",
     "CacheMiss",
     "CacheStored",
     "ConcurrencyChanged",
+    "CooledDown",
     "Event",
     "EventSink",
+    "FailedOver",
     "GaveUp",
+    "RateLimitColdStart",
+    "RateLimitLearned",
     "RateLimitPaused",
     "RateLimitWaited",
     "RetryScheduled",
+    "RouteChosen",
+    "RouteWaited",
     "SemanticCacheHit",
     "SemanticCacheMiss",
     "TransportResent",
@@ -92,6 +101,32 @@ class RateLimitPaused(Event):
     until: float
     requested: float | None
     capped: bool
+
+
+@attrs.frozen(kw_only=True)
+class RateLimitColdStart(Event):
+    """``key``'s first call: its per-minute buckets start at ``requests`` and ``tokens`` (None:
+    no such limit), a share of the burst; ``resumed``: less what a previous run sent into
+    the window."""
+
+    name: ClassVar[str] = "ratelimit.cold_start"
+    key: str
+    requests: float | None
+    tokens: float | None
+    resumed: bool
+
+
+@attrs.frozen(kw_only=True)
+class RateLimitLearned(Event):
+    """A response's ``x-ratelimit-*`` headers changed ``key``'s ``dimension``: a per-minute
+    ``limit`` below the configured one (None: unchanged), or at cold start a fuller window
+    than assumed; ``level``: what the bucket holds after."""
+
+    name: ClassVar[str] = "ratelimit.learned"
+    key: str
+    dimension: str
+    limit: float | None
+    level: float
 
 
 @attrs.frozen(kw_only=True)
@@ -177,6 +212,81 @@ class TransportResent(Event):
 
     name: ClassVar[str] = "transport.resent"
     reason: str
+
+
+@attrs.frozen(kw_only=True)
+class RouteChosen(Event):
+    """The router sends this attempt to ``deployment`` (``lane``: which key of its pool, as
+    ``name#i``, never the key itself); ``reason``: the strategy or ``failover``."""
+
+    name: ClassVar[str] = "router.chosen"
+    deployment: str
+    lane: str
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class FailedOver(Event):
+    """The attempt on ``deployment`` failed with ``kind``; the call moves to another one at
+    once (``reason``: ``unavailable``, ``rate_limited`` or ``context_window``)."""
+
+    name: ClassVar[str] = "router.failover"
+    deployment: str
+    kind: str
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class CooledDown(Event):
+    """``deployment`` (``lane``) takes no calls until ``until``: ``kind`` failed it
+    ``failures`` times in a row; after ``until`` one probe call decides."""
+
+    name: ClassVar[str] = "router.cooldown"
+    deployment: str
+    lane: str
+    kind: str
+    failures: int
+    until: float
+
+
+@attrs.frozen(kw_only=True)
+class RouteWaited(Event):
+    """No deployment that serves the call could take it; it waited ``waited`` seconds for the
+    first to come back."""
+
+    name: ClassVar[str] = "router.waited"
+    waited: float
+
+
+@attrs.frozen(kw_only=True)
+class BudgetReserved(Event):
+    """``usd`` (the call's most: prompt estimate and maximum output) is held against the
+    cap ``cap``; ``spent`` and ``reserved`` after the hold, across every process."""
+
+    name: ClassVar[str] = "budget.reserved"
+    usd: float
+    spent: float
+    reserved: float
+    cap: float
+
+
+@attrs.frozen(kw_only=True)
+class BudgetSettled(Event):
+    """The hold of ``reserved`` USD became the real cost ``usd`` (0 for an unbilled error)."""
+
+    name: ClassVar[str] = "budget.settled"
+    reserved: float
+    usd: float
+
+
+@attrs.frozen(kw_only=True)
+class BudgetRefused(Event):
+    """The call needs ``usd`` but only ``free`` is left under the cap: it is not sent."""
+
+    name: ClassVar[str] = "budget.refused"
+    usd: float
+    free: float
+    cap: float
 
 
 def event_fields(event: Event) -> dict[str, Any]:

@@ -126,6 +126,11 @@ class Usage(NamedTuple):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    #: Prompt tokens served from the provider's prompt cache (``prompt_tokens_details``); part
+    #: of ``prompt_tokens``, often priced lower.
+    cached_tokens: int = 0
+    #: Hidden reasoning tokens (``completion_tokens_details``); part of ``completion_tokens``.
+    reasoning_tokens: int = 0
 
     @classmethod
     def parse(cls, raw: Any) -> Usage | None:
@@ -138,7 +143,31 @@ class Usage(NamedTuple):
         total = raw.get("total_tokens")
         prompt = prompt if type(prompt) is int else 0
         completion = completion if type(completion) is int else 0
-        return cls(prompt, completion, total if type(total) is int else prompt + completion)
+        total = total if type(total) is int else prompt + completion
+        cached = _detail(raw.get("prompt_tokens_details"), "cached_tokens")
+        reasoning = _detail(raw.get("completion_tokens_details"), "reasoning_tokens")
+        return cls(prompt, completion, total, cached, reasoning)
+
+    def wire(self) -> dict[str, Any]:
+        """The usage object as the API writes it (details only when they are not zero)."""
+        out: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+        if self.cached_tokens:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.reasoning_tokens:
+            out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return out
+
+
+def _detail(raw: Any, name: str) -> int:
+    """One count from a ``*_tokens_details`` object (0 when absent: most answers omit it)."""
+    if raw is None or type(raw) is not dict:
+        return 0
+    value = raw.get(name)
+    return value if type(value) is int and value > 0 else 0
 
 
 def response_usage(response: Response) -> Usage | None:
@@ -594,7 +623,7 @@ class ChatAccumulator:
             ],
         }
         if self.usage is not None:
-            raw["usage"] = self.usage._asdict()
+            raw["usage"] = self.usage.wire()
         return ChatCompletion(self.id, self.model, choices, self.usage, raw)
 
 

@@ -31,10 +31,30 @@ __all__ = ["DEFAULT_PRICES", "Aggregator", "Histogram", "Metrics", "MetricsConfi
 
 @attrs.frozen
 class Price:
-    """US dollars per million tokens."""
+    """US dollars per million tokens.
+
+    ``cached_input`` prices the prompt tokens the provider served from its prompt cache and
+    ``reasoning`` the hidden reasoning tokens (both counted in the usage's totals too); None
+    prices them as ``input`` and ``output``, which never under-counts.
+    """
 
     input: float
     output: float
+    cached_input: float | None = None
+    reasoning: float | None = None
+
+    def usd(self, usage: Usage) -> float:
+        """What ``usage`` costs at these prices."""
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
+        cached_rate = self.input if self.cached_input is None else self.cached_input
+        reasoning_rate = self.output if self.reasoning is None else self.reasoning
+        return (
+            (usage.prompt_tokens - cached) * self.input
+            + cached * cached_rate
+            + (usage.completion_tokens - reasoning) * self.output
+            + reasoning * reasoning_rate
+        ) / 1e6
 
 
 #: List prices as of 2026-11-01 (USD per 1M tokens); pass your own table to override.
@@ -152,7 +172,7 @@ class Aggregator:
         self.tokens_out += completion
         price = self.prices.get(model or "")
         if price is not None:
-            self.cost += (prompt * price.input + completion * price.output) / 1e6
+            self.cost += price.usd(usage)
 
     @property
     def count(self) -> int:
