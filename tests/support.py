@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from corral.core import Handler, Request
 from corral.transports._base import Transport
 
@@ -93,6 +95,17 @@ def read_output(path: Path) -> list[dict[str, Any]]:
 def corral_child(*args: str) -> list[str]:
     """The argv of a ``corral`` child process."""
     return [sys.executable, "-c", CHILD, *args]
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Poll state a real server (another thread) changes until it holds, for at most 10 s: a
+    server's own timers run on real time, which no test clock drives."""
+    with anyio.fail_after(10):
+        for _ in range(1_000):
+            if predicate():
+                return
+            await anyio.sleep(0.01)
+    raise AssertionError("the condition never held")
 
 
 def wait_until(

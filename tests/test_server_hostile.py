@@ -17,6 +17,7 @@ import pytest
 
 from corral.testing.emulator import EmulatorConfig, Latency
 from corral.testing.server import RunningEmulator, ServerLimits, serve_in_thread
+from tests.support import wait_until
 
 AUTH = "Authorization: Bearer sk-test\r\n"
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
@@ -213,7 +214,8 @@ def test_at_the_cap_with_every_connection_busy_a_newcomer_gets_503() -> None:
         busy = [connect(emu), connect(emu)]
         for sock in busy:
             sock.sendall(request())
-        time.sleep(0.2)  # both requests are being answered (latency 1 s)
+        # Both requests are being answered (latency 1 s): the connections are busy.
+        assert wait_until(lambda: emu.counts.get("received", 0) == 2, timeout=10)
         with connect(emu) as newcomer:
             status, headers, _ = read_response(newcomer)
             assert status == 503 and headers["connection"] == "close"

@@ -21,7 +21,7 @@ from corral.middleware._deadline import Deadline
 from corral.testing.emulator import EmulatorConfig, Fault, Latency
 from corral.testing.server import RunningEmulator, ServerLimits, serve_in_thread
 from tests import hostile
-from tests.support import CANARY_KEY, TransportFactory
+from tests.support import CANARY_KEY, TransportFactory, until
 
 pytestmark = pytest.mark.anyio
 
@@ -102,7 +102,7 @@ async def test_server_closing_idle_connections_is_absorbed(
         t = transport_factory()
         for _ in range(3):
             assert (await t(chat(emu.base_url))).status == 200
-            await anyio.sleep(0.3)
+            await until(lambda: emu.open_connections == 0)  # the server closed the idle one
         assert emu.counts["connections"] == 3
         assert emu.counts["received"] == 3
 
@@ -297,7 +297,7 @@ async def test_h11_resends_once_on_a_pooled_connection_found_dead(
     with serve_in_thread(limits=ServerLimits(keepalive_timeout=0.1)) as emu:
         async with http11.H11Transport() as t:
             assert (await t(chat(emu.base_url))).status == 200
-            await anyio.sleep(0.4)  # the server closes the idle connection
+            await until(lambda: emu.open_connections == 0)  # the server closed the idle one
             assert (await t(chat(emu.base_url))).status == 200
         assert emu.counts["received"] == 2 and emu.counts["connections"] == 2
 
