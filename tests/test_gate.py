@@ -22,12 +22,12 @@ async def test_fifo_hand_over_and_resize() -> None:
     async with anyio.create_task_group() as tg:
         for i in range(3):
             tg.start_soon(waiter, i)
-            await anyio.sleep(0.01)
+            await anyio.wait_all_tasks_blocked()
         gate.resize(2)  # one more slot: the first waiter gets it
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()
         assert order == [0]
         gate.resize(3)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()
         assert order == [0, 1]
         gate.release()
     assert order == [0, 1, 2] and gate.used == 3
@@ -36,9 +36,17 @@ async def test_fifo_hand_over_and_resize() -> None:
 async def test_cancelled_waiter_takes_nothing() -> None:
     gate = Gate(1)
     await gate.acquire()
-    with anyio.move_on_after(0.05):
-        await gate.acquire()
-    assert gate.used == 1
+    scope = anyio.CancelScope()
+
+    async def waiter() -> None:
+        with scope:
+            await gate.acquire()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()  # the waiter queues for the one taken slot
+        scope.cancel()
+    assert scope.cancelled_caught and gate.used == 1
     gate.release()
     assert gate.used == 0
     await gate.acquire()
@@ -67,9 +75,9 @@ async def test_a_cancelled_waiter_loses_no_slot(cancel_first: bool) -> None:
     scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
         tg.start_soon(first, scope)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()
         tg.start_soon(second)
-        await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()
         if cancel_first:
             scope.cancel()
             gate.release()
