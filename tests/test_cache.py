@@ -45,7 +45,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await made.aclose()
 
 
-async def test_store_get_set_delete_ttl(store: Store) -> None:
+async def test_store_get_set_delete(store: Store) -> None:
+    """Every store; expiry is tested per store, on the clock each one keeps."""
     assert await store.get("k") is None
     await store.set("k", b"v1", None)
     assert await store.get("k") == b"v1"
@@ -53,9 +54,32 @@ async def test_store_get_set_delete_ttl(store: Store) -> None:
     assert await store.get("k") == b"v2"
     await store.delete("k")
     assert await store.get("k") is None
-    await store.set("short", b"x", 0.05)
-    await anyio.sleep(0.2)
+
+
+async def test_sqlite_entries_expire_on_wall_time(tmp_path: Path) -> None:
+    """SQLite expiry is wall time (every process sharing the file agrees); here a fake one."""
+    now = [1_000.0]
+    store = SQLiteStore(tmp_path / "c.db", clock=lambda: now[0])
+    await store.set("short", b"x", 10.0)
+    now[0] += 9.9
+    assert await store.get("short") == b"x"
+    now[0] += 0.2
     assert await store.get("short") is None
+    await store.aclose()
+
+
+async def test_redis_entries_expire_by_redis_s_own_ttl(redis_url: str, tmp_path: Path) -> None:
+    """Redis expires keys on its own clock, which no test clock drives: a bounded poll."""
+    store = RedisStore(redis_url, prefix=f"test:{tmp_path.name}:")
+    await store.set("short", b"x", 0.05)
+    await store.set("long", b"y", 60)
+    with anyio.fail_after(10):
+        for _ in range(1_000):
+            if await store.get("short") is None:
+                break
+            await anyio.sleep(0.01)
+    assert await store.get("short") is None and await store.get("long") == b"y"
+    await store.aclose()
 
 
 async def test_memory_store_lru_by_entries_and_bytes() -> None:
@@ -144,11 +168,12 @@ async def test_errors_and_bad_bodies_are_never_stored() -> None:
 
 async def test_single_flight_one_upstream_call_and_shared_failure() -> None:
     calls = 0
+    answer = anyio.Event()
 
     async def slow(request: Request) -> Response:
         nonlocal calls
         calls += 1
-        await anyio.sleep(0.1)
+        await answer.wait()
         if calls == 2:
             raise errors.ServerError("boom", status=500)
         return ok_json(request)
@@ -163,6 +188,8 @@ async def test_single_flight_one_upstream_call_and_shared_failure() -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(10):
             tg.start_soon(one)
+        await anyio.wait_all_tasks_blocked()  # all ten asked while the first was upstream
+        answer.set()
     assert calls == 1 and len(results) == 10 and cache.coalesced == 9
     failures: list[BaseException] = []
 
@@ -172,9 +199,12 @@ async def test_single_flight_one_upstream_call_and_shared_failure() -> None:
         except errors.ServerError as exc:
             failures.append(exc)
 
+    answer = anyio.Event()
     async with anyio.create_task_group() as tg:
         for _ in range(5):
             tg.start_soon(failing)
+        await anyio.wait_all_tasks_blocked()
+        answer.set()
     assert calls == 2 and len(failures) == 5
     assert await cache.store.get(cache.config.key(req(content="other")) or "") is None
 
@@ -236,10 +266,11 @@ def test_rules_key_ignores_nothing_that_matters() -> None:
 
 
 async def test_sqlite_purges_expired_rows(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "c.db")
+    now = [1_000.0]
+    store = SQLiteStore(tmp_path / "c.db", clock=lambda: now[0])
     await store.set("old", b"x", 0.01)
     await store.set("new", b"y", 60)
-    await anyio.sleep(0.05)
+    now[0] += 0.05
     assert store.purge_expired() == 1
     assert await store.get("new") == b"y"
     await store.aclose()
