@@ -8,6 +8,7 @@ import uuid
 
 import anyio
 import pytest
+from trio.testing import MockClock
 
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
 from corral.core._events import (
@@ -89,23 +90,30 @@ async def test_a_429_pause_is_reported_capped_or_not(retry_after: str, capped: b
     assert anyio.current_time() >= paused.until
 
 
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio")]
+)
 async def test_the_breaker_reports_opening_refusing_and_closing() -> None:
+    """On trio's MockClock: the cooldown passes in virtual time."""
     events: list[Event] = []
     status = [500]
     transport = MemoryTransport(lambda _: answer(status[0]))
-    breaker = CircuitBreaker(min_calls=2, threshold=0.5, cooldown=0.05)
+    breaker = CircuitBreaker(min_calls=2, threshold=0.5, cooldown=10.0)
     stack = build_stack([breaker], transport, events=events.append)
     for _ in range(2):
         await stack(chat())
     [opened] = of_call(events, BreakerOpened)
     assert isinstance(opened, BreakerOpened)
     assert opened.key == "h" and opened.failure_rate == 1.0
-    assert opened.until == pytest.approx(opened.time + 0.05)
+    assert opened.until == opened.time + 10.0
     with pytest.raises(errors.CircuitOpen):
         await stack(chat())
     [refused] = of_call(events, BreakerRefused)
     assert isinstance(refused, BreakerRefused) and refused.until == opened.until
-    await anyio.sleep(0.06)
+    await anyio.sleep(9)
+    with pytest.raises(errors.CircuitOpen):
+        await stack(chat())  # still cooling down
+    await anyio.sleep(2)
     status[0] = 200
     assert (await stack(chat())).status == 200
     [closed] = of_call(events, BreakerClosed)
