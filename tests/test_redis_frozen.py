@@ -22,6 +22,8 @@ import anyio
 import attrs
 import pytest
 import redis
+import trio.lowlevel
+from trio.testing import MockClock
 
 from corral.core import Headers, Request, Response, api_request, build_stack, errors
 from corral.middleware._cache import Cache
@@ -96,9 +98,13 @@ def chat(content: str = "hi") -> Request:
     return api_request("http://h/v1", "/chat/completions", body, api_key=CANARY_KEY)
 
 
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": MockClock(rate=1.0)}), id="trio")]
+)
 async def test_a_frozen_cache_is_a_miss_then_skipped_then_used_again(
     frozen_redis: FrozenRedis,
 ) -> None:
+    """On trio's MockClock at real speed (Redis's timeouts are real), jumped past ``recheck``."""
     store = RedisStore(frozen_redis.url, prefix="frozen:")
     cache = Cache(store, recheck=0.5)
     transport = MemoryTransport(ok_json)
@@ -115,7 +121,9 @@ async def test_a_frozen_cache_is_a_miss_then_skipped_then_used_again(
         assert transport.calls == 52
     finally:
         frozen_redis.thaw()
-    await anyio.sleep(0.6)
+    clock = trio.lowlevel.current_clock()
+    assert isinstance(clock, MockClock)
+    clock.jump(0.6)
     with anyio.fail_after(BOUND):
         await stack(chat())  # a probe after `recheck`: Redis answers again
         assert (await stack(chat())).from_cache
