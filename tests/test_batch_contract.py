@@ -315,7 +315,7 @@ def test_a_wrong_key_stops_the_run_writing_nothing(
         err = capsys.readouterr().err
         assert "credentials" in err and "rerun" in err
         assert emu.counts["received"] <= 8 + 3  # a few confirmations, not 300 calls
-        assert not out.exists() or read_output(out) == []
+        assert out.read_bytes() == b""  # opened (and locked) for the run; no record
         monkeypatch.setenv("OPENAI_API_KEY", KEY)
         assert main(run_args(source, out, emu.base_url)) == 0
     ids_once(out, {f"r{i}" for i in range(300)})
@@ -328,7 +328,7 @@ def test_an_unknown_model_stops_the_run(tmp_path: Path, capsys: pytest.CaptureFi
         args = run_args(source, out, emu.base_url, "--model", "gpt-nonexistent")
         assert main(args) == 2
         assert "--model" in capsys.readouterr().err
-    assert not out.exists() or read_output(out) == []
+    assert out.read_bytes() == b""  # opened (and locked) for the run; no record
 
 
 def test_a_server_that_is_down_waits_then_stops_resumably(
@@ -344,7 +344,7 @@ def test_a_server_that_is_down_waits_then_stops_resumably(
     assert time.monotonic() - started < 30
     err = capsys.readouterr().err
     assert "unreachable" in err and "--max-outage" in err and "rerun" in err
-    assert not out.exists() or read_output(out) == []
+    assert out.read_bytes() == b""  # opened (and locked) for the run; no record
 
 
 class FlakyProxy:
@@ -844,4 +844,4 @@ def test_https_to_a_plain_http_server_stops_the_run(
         assert emu.counts.get("received", 0) == 0
     err = capsys.readouterr().err
     assert "http:// vs https://" in err and "--base-url" in err
-    assert not out.exists() or read_output(out) == []
+    assert out.read_bytes() == b""  # opened (and locked) for the run; no record
