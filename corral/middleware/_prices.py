@@ -40,12 +40,12 @@ def _frozen(prices: Mapping[str, Price]) -> Mapping[str, Price]:
 
 @attrs.frozen
 class PriceTable:
-    """USD per million tokens, by model, as listed on ``as_of``.
+    """USD per million tokens, by model, as listed on ``as_of`` (None: undated).
 
     ``default`` prices any model the table does not name (one price for a whole deployment).
     """
 
-    as_of: datetime.date
+    as_of: datetime.date | None
     models: Mapping[str, Price] = attrs.field(factory=dict, converter=_frozen)
     default: Price | None = None
 
