@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 from corral._client import Client, MapResult, SyncClient, default_middleware
+from corral._deployments import load_router
 from corral.core import (
     CacheMode,
     Headers,
@@ -42,13 +43,18 @@ from corral.core._errors import (
     TransportError,
 )
 from corral.middleware import (
+    Budget,
+    BudgetExceeded,
     Cache,
     CircuitBreaker,
     ConcurrencyLimit,
     Deadline,
+    Deployment,
     Metrics,
+    NoDeployment,
     RateLimit,
     Retry,
+    Router,
     Truncate,
 )
 from corral.transports import H11Transport, MemoryTransport
@@ -65,6 +71,8 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BatchJob",
+    "Budget",
+    "BudgetExceeded",
     "Cache",
     "CacheMode",
     "CircuitBreaker",
@@ -76,6 +84,7 @@ __all__ = [
     "CorralError",
     "Deadline",
     "DeadlineExceeded",
+    "Deployment",
     "H11Transport",
     "Headers",
     "HttpxTransport",
@@ -84,6 +93,7 @@ __all__ = [
     "MapResult",
     "MemoryTransport",
     "Metrics",
+    "NoDeployment",
     "NotFoundError",
     "RateLimit",
     "RateLimitError",
@@ -91,6 +101,7 @@ __all__ = [
     "RequestOptions",
     "Response",
     "Retry",
+    "Router",
     "SemanticCache",
     "ServerError",
     "SharedRateLimit",
@@ -103,6 +114,7 @@ __all__ = [
     "default_middleware",
     "errors",
     "events",
+    "load_router",
     "run_job",
 ]
 

@@ -10,12 +10,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from corral.middleware._breaker import BreakerConfig, BreakerPolicy, CircuitBreaker
+from corral.middleware._budget import (
+    Budget,
+    BudgetExceeded,
+    BudgetPolicy,
+    BudgetUnavailable,
+)
 from corral.middleware._cache import Cache, CacheRules
 from corral.middleware._concurrency import AIMDPolicy, ConcurrencyConfig, ConcurrencyLimit
 from corral.middleware._deadline import Deadline
 from corral.middleware._metrics import Aggregator, Metrics, Price
+from corral.middleware._prices import PriceTable
 from corral.middleware._ratelimit import PausePolicy, RateLimit, RateLimitConfig, RateLimitPolicy
 from corral.middleware._retry import GiveUp, Retry, RetryAfter, RetryBudget, RetryPolicy
+from corral.middleware._router import (
+    CooldownPolicy,
+    Deployment,
+    NoDeployment,
+    RoutePolicy,
+    Router,
+    RouterConfig,
+)
 from corral.middleware._truncate import Truncate, fit_messages
 
 if TYPE_CHECKING:
@@ -27,16 +42,24 @@ __all__ = [
     "Aggregator",
     "BreakerConfig",
     "BreakerPolicy",
+    "Budget",
+    "BudgetExceeded",
+    "BudgetPolicy",
+    "BudgetUnavailable",
     "Cache",
     "CacheRules",
     "CircuitBreaker",
     "ConcurrencyConfig",
     "ConcurrencyLimit",
+    "CooldownPolicy",
     "Deadline",
+    "Deployment",
     "GiveUp",
     "Metrics",
+    "NoDeployment",
     "PausePolicy",
     "Price",
+    "PriceTable",
     "RateLimit",
     "RateLimitConfig",
     "RateLimitPolicy",
@@ -44,6 +67,9 @@ __all__ = [
     "RetryAfter",
     "RetryBudget",
     "RetryPolicy",
+    "RoutePolicy",
+    "Router",
+    "RouterConfig",
     "SemanticCache",
     "SharedRateLimit",
     "Truncate",

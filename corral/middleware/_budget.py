@@ -390,6 +390,7 @@ class Budget:
 
     @property
     def cap_usd(self) -> float:
+        """The cap in US dollars (as the ledger holds it: whole nano-dollars)."""
         return self.config.cap / NANO
 
     async def status(self) -> Ledger:

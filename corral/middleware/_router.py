@@ -174,6 +174,7 @@ class Deployment:
     where: str | None = None
 
     def serves(self, model: str | None) -> bool:
+        """Does it take calls for ``model`` (its mapping names it, or it has none)?"""
         return not self.models or model in self.models
 
     def model_for(self, model: str | None) -> str | None:
@@ -181,9 +182,11 @@ class Deployment:
         return self.models.get(model, model) if model is not None else None
 
     def price_for(self, model: str | None) -> Price | None:
+        """Its price for the caller's ``model`` (by its own name for it first), or None."""
         return self.prices.get(self.model_for(model)) or self.prices.get(model)
 
     def window_for(self, model: str | None) -> int | None:
+        """The context window it gives ``model`` (configured, else known by name), or None."""
         if self.context_window is not None:
             return self.context_window
         return CONTEXT_WINDOWS.get(self.model_for(model) or "")
@@ -425,6 +428,7 @@ class CooldownPolicy:
     allowed_fails: int = 2
 
     def ready_at(self, health: Health, now: float) -> float:
+        """When it may take a call: -inf now, the cooldown's end, or a while after a probe."""
         if health.phase is Phase.OK:
             return -math.inf
         if health.phase is Phase.COOLING:
@@ -437,6 +441,7 @@ class CooldownPolicy:
             health.phase = Phase.PROBING
 
     def succeeded(self, health: Health) -> None:
+        """It answered: any cooldown is over and the count of failures starts again."""
         health.phase, health.failures, health.until = Phase.OK, 0, -math.inf
 
     def abandoned(self, health: Health) -> None:
@@ -639,6 +644,7 @@ class Router:
             await self.budget.aclose()
 
     def lanes_for(self, model: str | None) -> list[_Lane]:
+        """The lanes (a deployment's keys) that serve ``model``, in configuration order."""
         lanes = self._by_model.get(model)
         if lanes is None:
             lanes = self._by_model[model] = [
