@@ -156,12 +156,19 @@ def test_the_breaker_trips_on_failures_only_and_reports_each_change(
     for outcome, dt in events:
         now += dt
         state = policy.state
+        cooling_until = policy.opened_at + config.cooldown
+        cooling = state is State.OPEN and now < cooling_until
+        probing = state is State.HALF_OPEN  # its one probe is out (a finished probe closes it)
         match policy.before(now):
             case Refuse(until=until):
-                assert policy.state in (State.OPEN, State.HALF_OPEN) and until > now
+                if cooling:
+                    assert policy.state is State.OPEN and until == cooling_until
+                else:
+                    assert probing and policy.state is State.HALF_OPEN
+                    assert until == now + config.cooldown
                 continue
             case Allow():
-                pass
+                assert not cooling and not probing
         admitted = policy.state
         verdict = BreakerPolicy.verdict(outcome)
         assert verdict == (

@@ -147,10 +147,15 @@ class BreakerMachine(RuleBasedStateMachine):
     @rule(failed=st.booleans())
     def call(self, failed: bool) -> None:
         before = self.policy.state
+        cooling_until = self.policy.opened_at + self.policy.config.cooldown
+        cooling = before is State.OPEN and self.now < cooling_until
         verdict = self.policy.before(self.now)
         if isinstance(verdict, Refuse):
-            assert self.policy.state in (State.OPEN, State.HALF_OPEN)
-            assert verdict.until > self.now or self.policy.state is State.HALF_OPEN
+            if cooling:
+                assert self.policy.state is State.OPEN and verdict.until == cooling_until
+            else:  # half-open, its one probe out
+                assert before is State.HALF_OPEN and self.policy.state is State.HALF_OPEN
+                assert verdict.until == self.now + self.policy.config.cooldown
             return
         assert isinstance(verdict, Allow)
         mid = self.policy.state
