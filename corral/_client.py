@@ -186,6 +186,10 @@ class Client:
     def build_request(self, path: str, body: Mapping[str, Any] | None, **options: Any) -> Request:
         """Build (not send) the ``Request`` for ``path``, relative to ``base_url``, with this
         client's key; ``send`` sends it."""
+        if body is not None:  # the options the body implies, so they are built once
+            model = body.get("model")
+            options.setdefault("model", model if isinstance(model, str) else None)
+            options.setdefault("stream", bool(body.get("stream")))
         return api_request(
             self.base_url,
             path,

@@ -72,11 +72,9 @@ def api_request(
     if body is not None:
         stream = bool(body.get("stream"))
         model = body.get("model")
-        opts = attrs.evolve(
-            opts,
-            stream=stream or opts.stream,
-            model=opts.model or (model if isinstance(model, str) else None),
-        )
+        model = model if isinstance(model, str) else None
+        if (stream and not opts.stream) or (model and not opts.model):  # else as it is
+            opts = attrs.evolve(opts, stream=stream or opts.stream, model=opts.model or model)
         if stream:
             headers[0] = ("accept", "text/event-stream")
     return Request(

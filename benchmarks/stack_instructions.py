@@ -1,0 +1,52 @@
+"""Instructions per call through the default stack, on MemoryTransport: a figure that a busy
+machine does not blur (run under ``valgrind --tool=callgrind``; divide by the calls).
+
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out \
+        python benchmarks/stack_instructions.py 2000
+    callgrind_annotate /tmp/cg.out | grep TOTALS    # subtract a run with 0 calls
+
+Works on any corral that exports ``Client``, ``default_middleware`` and ``MemoryTransport``, so
+two trees can be compared call for call.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import anyio
+
+from corral import Client, default_middleware
+from corral.core import Response
+from corral.transports import MemoryTransport
+
+BODY = json.dumps(
+    {
+        "id": "c",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10},
+    }
+).encode()
+
+
+def answer(request: object) -> Response:
+    return Response(200, [("content-type", "application/json")], BODY)
+
+
+async def main(calls: int) -> None:
+    stack = default_middleware(rpm=10**9, tpm=10**12, concurrency=64)
+    async with Client(
+        "http://emulated/v1",
+        "sk-bench-key-1234567",
+        transport=MemoryTransport(answer),
+        middleware=stack,
+        model="gpt-4o-mini",
+    ) as client:
+        for _ in range(calls):
+            await client.chat([{"role": "user", "content": "Say hi"}])
+
+
+if __name__ == "__main__":
+    anyio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 2000)
