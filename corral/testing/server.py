@@ -184,6 +184,11 @@ class _Connections:
     def forget(self, conn: _Protocol) -> None:
         self._open.pop(conn, None)
 
+    def reset_all(self) -> None:
+        """Reset every open connection, as the kernel does for a process that died."""
+        for conn in list(self._open):
+            conn._reset()
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._sweep_handle = loop.call_later(self.limits.tick, self._sweep, loop)
 
@@ -451,6 +456,23 @@ class RunningEmulator:
         """Connections the server holds now (approximate from another thread)."""
         return len(self._connections) if self._connections is not None else 0
 
+    def kill(self) -> None:
+        """Stop as a crashed server does: the port closes and every open connection is reset
+        at once (``stop`` leaves the loop's sockets to the garbage collector)."""
+        loop, server, conns = self._loop, self._server, self._connections
+        if loop is None or server is None or conns is None:
+            return
+        done = threading.Event()
+
+        def crash() -> None:
+            server.close()
+            conns.reset_all()
+            done.set()
+
+        loop.call_soon_threadsafe(crash)
+        done.wait(timeout=10)
+        self.stop()
+
     def stop(self) -> None:
         """Stop the server's loop and join its thread (bounded); safe to call twice."""
         loop, thread = self._loop, self._thread
@@ -499,17 +521,19 @@ def serve_in_thread(
     ssl_context: ssl.SSLContext | None = None,
     limits: ServerLimits | None = None,
     any_model: bool = True,
+    emulator: Emulator | None = None,
 ) -> Iterator[RunningEmulator]:
     """Run an emulator on its own event loop in a daemon thread, for any caller (trio too).
 
     Tests and benchmarks name models freely ("m"), so by default this server accepts any model;
     ``any_model=False`` keeps ``config.models`` (as ``corral serve`` does) for tests of a
     client's handling of ``model_not_found``.
+    ``emulator``: serve this one (a metered one, say) instead of one built from ``config``.
     """
     config = config or EmulatorConfig()
     if any_model:
         config = attrs.evolve(config, any_model=True)
-    emulator = Emulator(config)
+    emulator = emulator or Emulator(config)
     running = RunningEmulator(emulator, host, port, https=ssl_context is not None)
     ready = threading.Event()
     failure: list[BaseException] = []
