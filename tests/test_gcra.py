@@ -97,7 +97,8 @@ def test_the_lua_scripts_agree_with_the_model(
             # Up to 3x max_pause, so a pause stored longer than the cap is met when read; at
             # least a second, so its real-time TTL outlives the example.
             seconds = max(1.0, amount * policy.max_pause)
-            scripts.pause_script(keys=[scripts.keys[2]], args=policy.pause_args(seconds, now))
+            keys = [scripts.keys[2], scripts.keys[0], scripts.keys[1]]
+            scripts.pause_script(keys=keys, args=policy.pause_args(seconds, MARGIN_MS, now))
             model = policy.pause(model, now, seconds)
         assert scripts.state() == model, (kind, now)
 

@@ -61,7 +61,7 @@ def of_call(events: list[Event], kind: type[Event]) -> list[Event]:
 
 async def test_a_call_that_waited_for_quota_says_so() -> None:
     events: list[Event] = []
-    limiter = RateLimit(rpm=6_000, burst_requests=1)  # one call per 10 ms
+    limiter = RateLimit(rpm=6_000, burst_requests=1, cold_start=1.0)  # one call per 10 ms
     stack = build_stack([limiter], MemoryTransport(ok), events=events.append)
     await stack(chat())
     assert of_call(events, RateLimitWaited) == []  # the first call did not wait

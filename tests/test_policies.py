@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from corral.core import _errors as errors
+from corral.core._classify import RateLimitHeaders
 from corral.middleware._breaker import Allow, BreakerConfig, BreakerPolicy, Refuse, State
 from corral.middleware._concurrency import AIMDPolicy, ConcurrencyConfig
 from corral.middleware._ratelimit import (
@@ -20,6 +21,7 @@ from corral.middleware._ratelimit import (
     RateLimitConfig,
     RateLimitPolicy,
     Reject,
+    settle_delta,
 )
 from corral.middleware._retry import RetryBudget
 
@@ -41,7 +43,10 @@ def test_rate_limit_windows_and_work_conservation(
 ) -> None:
     config = RateLimitConfig(rpm=rpm, tpm=tpm, burst_requests=burst_r, burst_tokens=burst_t)
     policy = RateLimitPolicy(config, 0.0)
-    token_cap = policy.tokens[0].capacity
+    bucket = policy.tokens[0]
+    # An explicit burst is the most a call may cost; the default one grows to fit any call
+    # short of the whole window.
+    token_cap = bucket.capacity if burst_t is not None else tpm - (bucket.base < tpm)
     admitted: list[tuple[float, int]] = []
     clock = 0.0
     gap = 0.0
@@ -61,9 +66,9 @@ def test_rate_limit_windows_and_work_conservation(
         admitted.append((clock, tokens))
     # A burst below the limit is paid for by a slower refill, so a window holds <= limit;
     # a burst equal to the limit allows limit + burst, the bound the docs promise.
-    req_cap, tok_cap = policy.requests[0].capacity, token_cap
+    req_cap, tok_cap = policy.requests[0].capacity, bucket.capacity
     max_req = rpm if req_cap < rpm else rpm + req_cap
-    max_tok = tpm if tok_cap < tpm else tpm + tok_cap
+    max_tok = tpm if burst_t is None or tok_cap < tpm else tpm + tok_cap
     for start, _ in admitted:  # every 60 s window that begins at an admission
         inside = [t for at, t in admitted if start <= at < start + 60]
         assert len(inside) <= max_req + 1e-6
@@ -71,22 +76,23 @@ def test_rate_limit_windows_and_work_conservation(
 
 
 def test_cold_start_burst_is_bounded() -> None:
-    policy = RateLimitPolicy(RateLimitConfig(rpm=600, burst_requests=5), 0.0)
+    policy = RateLimitPolicy(RateLimitConfig(rpm=600, burst_requests=5, cold_start=1.0), 0.0)
     taken = 0
     while isinstance(policy.admit(0.0, Cost()), Proceed):
         taken += 1
     assert taken == 5
 
 
-def test_settle_refunds_and_resync_only_lowers() -> None:
-    policy = RateLimitPolicy(RateLimitConfig(tpm=6_000, burst_tokens=1_000), 0.0)
+def test_settle_refunds_and_headers_only_lower() -> None:
+    config = RateLimitConfig(tpm=6_000, burst_tokens=1_000, settle="usage", cold_start=1.0)
+    policy = RateLimitPolicy(config, 0.0)
     assert isinstance(policy.admit(0.0, Cost(1, 1_000)), Proceed)
     assert isinstance(policy.admit(0.0, Cost(1, 500)), Delay)
-    policy.settle(0.0, reserved=1_000, actual=400)
+    policy.settle(0.0, settle_delta("usage", 1_000, 400, 0, None))
     assert policy.tokens[0].level == 600
-    policy.resync(0.0, None, 10_000)
+    policy.learn(0.0, RateLimitHeaders(remaining_tokens=10_000))
     assert policy.tokens[0].level == 600
-    policy.resync(0.0, None, 100)
+    policy.learn(0.0, RateLimitHeaders(remaining_tokens=100))
     assert policy.tokens[0].level == 100
 
 

@@ -7,7 +7,8 @@ units is admitted when ``max(TAT, now) + n * interval - burst * interval <= now`
 the TAT to ``max(TAT, now) + n * interval``; otherwise it waits the difference. A settle moves
 the TAT back (refund) or forward (charge) by the difference, never before ``now``. A pause (a
 429) is a third number: nothing is admitted before it; a stored pause further than
-``max_pause`` ahead is cut to ``max_pause`` when read.
+``max_pause`` ahead is cut to ``max_pause`` when read. A pause also empties both cells at its
+end, so the quota resumes at the steady rate rather than with a burst.
 
 ``_RESERVE`` checks the pause and both cells and reserves both or neither, atomically.
 Each script reads the time from ``ARGV`` when given (tests, so they are exact) and otherwise
@@ -102,7 +103,9 @@ return 1
 """
 )
 
-# KEYS: pause.  ARGV: seconds, now.
+# KEYS: pause, requests cell, tokens cell.  ARGV: seconds, now, req interval, req burst,
+# tok interval, tok burst, ttl margin ms.  Besides the pause, each cell is drained to empty
+# at its end (TAT >= until + burst * interval): no credit builds up while paused.
 PAUSE = (
     _NOW.format(i=2)
     + """
@@ -111,6 +114,17 @@ local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
 if until_ > pause then
   redis.call('SET', KEYS[1], tostring(until_), 'PX', math.ceil(tonumber(ARGV[1]) * 1000) + 1000)
 end
+local margin = tonumber(ARGV[7])
+local function drain(key, interval, burst)
+  if interval <= 0 then return end
+  local tat = tonumber(redis.call('GET', key) or '0')
+  local empty = until_ + burst * interval
+  if empty > tat then
+    redis.call('SET', key, tostring(empty), 'PX', math.ceil((empty - now) * 1000) + margin)
+  end
+end
+drain(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+drain(KEYS[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
 return 1
 """
 )
@@ -192,9 +206,21 @@ class GcraPolicy:
         return attrs.evolve(state, tokens=stored(tat))
 
     def pause(self, state: GcraState, now: float, seconds: float) -> GcraState:
-        """``PAUSE``: nothing is admitted before ``now + seconds`` (a longer pause stays)."""
+        """``PAUSE``: nothing is admitted before ``now + seconds`` (a longer pause stays), and
+        each cell is empty then (no credit accumulates while paused)."""
         until = now + seconds
-        return attrs.evolve(state, pause=stored(until)) if until > state.pause else state
+        if until > state.pause:
+            state = attrs.evolve(state, pause=stored(until))
+
+        def drained(cell: Cell, tat: float) -> float:
+            empty = until + cell.burst * cell.interval
+            return stored(empty) if cell.interval > 0 and empty > tat else tat
+
+        return attrs.evolve(
+            state,
+            requests=drained(self.requests, state.requests),
+            tokens=drained(self.tokens, state.tokens),
+        )
 
     def reserve_args(self, tokens: int, margin_ms: int, now: float | None = None) -> ScriptArgs:
         """``RESERVE``'s ARGV; ``now`` None: the script reads Redis's clock."""
@@ -206,10 +232,11 @@ class GcraPolicy:
         """``SETTLE``'s ARGV; ``now`` None: the script reads Redis's clock."""
         return [self.tokens.interval, delta, margin_ms, "" if now is None else now]
 
-    @staticmethod
-    def pause_args(seconds: float, now: float | None = None) -> ScriptArgs:
+    def pause_args(self, seconds: float, margin_ms: int, now: float | None = None) -> ScriptArgs:
         """``PAUSE``'s ARGV; ``now`` None: the script reads Redis's clock."""
-        return [seconds, "" if now is None else now]
+        r, k = self.requests, self.tokens
+        when = "" if now is None else now
+        return [seconds, when, r.interval, r.burst, k.interval, k.burst, margin_ms]
 
 
 def decode(reply: object, now: float) -> Proceed | Delay:

@@ -1,11 +1,15 @@
 """A rate limit shared by many processes and machines: GCRA in Redis Lua scripts.
 
-Policy: generic cell rate algorithm per dimension (requests, tokens), the same burst rule as the
-local limiter (at most ``limit`` in any ``window``; at most ``burst`` at once); the scripts and
-their Python model (``GcraPolicy``, which tests hold them to) live in ``corral.middleware._gcra``.
-One script checks both dimensions and the 429 pause, and reserves both or neither, atomically,
-on the Redis server's clock, so a skewed local clock changes nothing. Settling with the real
-``usage`` moves the token cell's arrival time back (refund) or forward (charge).
+Policy: generic cell rate algorithm per dimension (requests, tokens), the same rule as the
+local limiter: per-minute limits enforced over ``window`` seconds, so no ``window`` admits more
+than ``limit * window / 60``, at most ``burst`` at once; the scripts and their Python model
+(``GcraPolicy``, which tests hold them to) live in ``corral.middleware._gcra``. One script
+checks both dimensions and the 429 pause, and reserves both or neither, atomically, on the
+Redis server's clock, so a skewed local clock changes nothing. ``settle`` is the local
+limiter's (``settle_delta``): ``"reserved"`` keeps the reservation (charging only an
+overrun, or the real output of a body without ``max_tokens``), ``"usage"`` moves the token
+cell's arrival time back (refund) or forward (charge) to the real usage. The cells' state
+lives in Redis, so a process that starts late joins the quota where it stands (no cold burst).
 
 Shell: ``SharedRateLimit`` asks the script, sleeps for the wait it answers, asks again. When
 Redis is unreachable or frozen (no answer within ``timeout``, 0.5 s by default) it either fails
@@ -16,8 +20,9 @@ Ctrl-C) leaves at once. Waiters in different processes are not served FIFO (each
 its own wait).
 
 A 429 pauses every process, for the server's ``Retry-After`` but at most ``max_pause`` seconds
-(60 by default; ``PausePolicy``); the script also caps a pause already stored (say by an older
-version) at ``max_pause``, so no key in Redis can stop the quota for longer.
+(60 by default; ``PausePolicy``), and empties both cells at the pause's end (no burst after
+it); the script also caps a pause already stored (say by an older version) at ``max_pause``,
+so no key in Redis can stop the quota for longer.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from corral.core._tokens import EstimatingCounter
 from corral.core._wire import response_usage
 from corral.middleware._checks import at_least, finite, never, optional
 from corral.middleware._gcra import PAUSE, RESERVE, SETTLE, Cell, GcraPolicy, ScriptArgs, decode
+from corral.middleware._outputs import OutputEstimate
 from corral.middleware._ratelimit import (
     Delay,
     NoPause,
@@ -45,9 +51,14 @@ from corral.middleware._ratelimit import (
     PausePolicy,
     Proceed,
     RateLimit,
+    Settle,
+    allowance,
     bucket_shape,
-    call_tokens,
+    default_burst,
     log_capped,
+    one_of,
+    reservation,
+    usage_delta,
 )
 from corral.stores.redis import DEFAULT_TIMEOUT, redis_client, run_blocking
 
@@ -63,19 +74,13 @@ class RateLimitUnavailable(errors.CorralError):
     retryable = True
 
 
-def _one_of(*allowed: str) -> Any:
-    def check(instance: object, attribute: Any, value: object) -> None:
-        if value not in allowed:
-            raise errors.InvalidInput(
-                f"{type(instance).__name__}.{attribute.name} must be one of "
-                f"{', '.join(map(repr, allowed))}, got {value!r}"
-            )
-
-    return check
-
-
 _LIMIT = optional(at_least(1))
 _BURST = optional(finite(open_below=True))
+
+
+#: The shared cells are fixed (not grown per call): a default token burst holds at least
+#: one typical call.
+MIN_SHARED_BURST_TOKENS = 4096.0
 
 
 @attrs.frozen
@@ -87,11 +92,13 @@ class SharedRateLimitConfig:
     name: str = "default"
     rpm: int | None = attrs.field(default=None, validator=_LIMIT)
     tpm: int | None = attrs.field(default=None, validator=_LIMIT)
+    #: Seconds over which the provider enforces the per-minute limits.
     window: float = attrs.field(default=60.0, validator=finite(open_below=True))
     burst_requests: float | None = attrs.field(default=None, validator=_BURST)
     burst_tokens: float | None = attrs.field(default=None, validator=_BURST)
+    settle: Settle = attrs.field(default="reserved", validator=one_of("reserved", "usage"))
     on_unavailable: Literal["fail", "local"] = attrs.field(
-        default="local", validator=_one_of("fail", "local")
+        default="local", validator=one_of("fail", "local")
     )
     processes: int = attrs.field(default=1, validator=at_least(1))
     recheck: float = attrs.field(default=5.0, validator=finite())
@@ -101,26 +108,32 @@ class SharedRateLimitConfig:
     def gcra(self) -> GcraPolicy:
         """The two cells: the local limiter's buckets as GCRA cells."""
         return GcraPolicy(
-            _cell("rpm", self.rpm, self.window, self.burst_requests),
-            _cell("tpm", self.tpm, self.window, self.burst_tokens),
+            _cell("requests", self.rpm, self.window, self.burst_requests, 1.0),
+            _cell("tokens", self.tpm, self.window, self.burst_tokens, MIN_SHARED_BURST_TOKENS),
             self.pause.max_pause,
         )
 
     def local_share(self) -> RateLimit:
-        """The fallback: each of ``processes`` takes an equal share of the quota, per minute."""
-        per_minute = 60 / self.window
+        """The fallback: each of ``processes`` takes an equal share of the quota."""
         rpm, tpm, share = self.rpm, self.tpm, self.processes
         return RateLimit(
-            rpm=None if rpm is None else max(1, int(rpm * per_minute) // share),
-            tpm=None if tpm is None else max(1, int(tpm * per_minute) // share),
+            rpm=None if rpm is None else max(1, rpm // share),
+            tpm=None if tpm is None else max(1, tpm // share),
+            window=self.window,
+            settle=self.settle,
             max_pause=self.pause.max_pause,
         )
 
 
-def _cell(name: str, limit: int | None, window: float, burst: float | None) -> Cell:
+def _cell(
+    dimension: str, limit: int | None, window: float, burst: float | None, floor: float
+) -> Cell:
     if limit is None:
         return Cell()
-    rate, cap = bucket_shape(name, limit, window, burst)
+    allowed = allowance(dimension, limit, window)
+    rate, cap = bucket_shape(
+        allowed, window, burst if burst is not None else default_burst(allowed, floor)
+    )
     return Cell(1.0 / rate, cap)
 
 
@@ -130,8 +143,12 @@ class SharedRateLimit:
     Args:
         url: the Redis server (``redis://host:port/db``).
         name: the quota's name; processes with the same Redis and name share it.
-        rpm, tpm: requests and tokens per ``window`` seconds (60 by default).
-        burst_requests, burst_tokens: what a cold start may send at once.
+        rpm, tpm: requests and tokens per minute.
+        window: seconds over which the provider enforces them (60 by default): no ``window``
+            admits more than ``limit * window / 60``.
+        burst_requests, burst_tokens: what may be sent at once (by default 2% of a window's
+            allowance; at least 4096 tokens).
+        settle: ``"reserved"`` (a call costs its reservation, as OpenAI counts) or ``"usage"``.
         on_unavailable: ``"local"`` falls back to a local limiter with the limits divided by
             ``processes`` while Redis is unreachable; ``"fail"`` raises ``RateLimitUnavailable``.
         recheck: seconds between probes of an unreachable Redis.
@@ -154,6 +171,7 @@ class SharedRateLimit:
         window: float = 60.0,
         burst_requests: float | None = None,
         burst_tokens: float | None = None,
+        settle: Settle = "reserved",
         on_unavailable: Literal["fail", "local"] = "local",
         processes: int = 1,
         recheck: float = 5.0,
@@ -168,6 +186,7 @@ class SharedRateLimit:
             window=window,
             burst_requests=burst_requests,
             burst_tokens=burst_tokens,
+            settle=settle,
             on_unavailable=on_unavailable,
             processes=processes,
             recheck=recheck,
@@ -186,6 +205,7 @@ class SharedRateLimit:
         self._down_since: float | None = None
         self._local = config.local_share()
         self._counter = EstimatingCounter()
+        self._outputs = OutputEstimate()
         self._waited = 0.0
 
     @property
@@ -258,8 +278,8 @@ class SharedRateLimit:
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         """Wait until the shared Redis quota admits this attempt, then send it; if Redis is
         unreachable, fall back or fail as ``on_unavailable`` says."""
-        reserved = call_tokens(request, self._counter)
-        if not self._redis_usable() or not await self._acquire(request, reserved):
+        held = reservation(request, self._counter, self._outputs)
+        if not self._redis_usable() or not await self._acquire(request, held.tokens):
             if self.config.on_unavailable == "fail":
                 raise RateLimitUnavailable("the shared rate limit's Redis is unreachable")
             return await self._local(request, call_next)
@@ -271,9 +291,9 @@ class SharedRateLimit:
                     pass
                 case Pause() as pause:
                     log_capped(pause, "shared rate limit")
-                    await self._call(
-                        self._pause, [self._keys[2]], self._gcra.pause_args(pause.seconds)
-                    )
+                    keys = [self._keys[2], self._keys[0], self._keys[1]]
+                    args = self._gcra.pause_args(pause.seconds, self._margin_ms)
+                    await self._call(self._pause, keys, args)
                     request.options.call.emit(
                         RateLimitPaused,
                         now,
@@ -286,7 +306,7 @@ class SharedRateLimit:
                     never(other)
             usage = response_usage(response) if response.status == 200 else None
             if usage is not None and self._gcra.tokens.interval > 0:
-                delta = usage.total_tokens - reserved
+                delta = usage_delta(self.config.settle, held, usage, self._outputs)
                 if delta:
                     args = self._gcra.settle_args(delta, self._margin_ms)
                     await self._call(self._settle, [self._keys[1]], args)

@@ -151,7 +151,9 @@ class EmulatorConfig:
     tokens_per_second: float | None = None
     rpm: int | None = None
     tpm: int | None = None
-    #: The limits' sliding window in seconds (providers use 60; tests shorten it).
+    #: The window the per-minute limits are enforced over, in seconds: any ``window`` admits
+    #: at most ``rpm * window / 60`` calls and ``tpm * window / 60`` tokens (OpenAI documents
+    #: that per-minute limits may be enforced over shorter periods).
     window: float = 60.0
     #: How TPM is charged at admission: ``"reserved"`` counts the prompt as the provider
     #: estimates it (characters / 4) plus ``max_tokens`` (OpenAI's rate-limit guide), and
@@ -238,7 +240,8 @@ class Emulator:
         """The provider's answer to one request at ``now``: a ``Plan`` (status, headers, body or
         events, delay, fault) that a server or the simulator carries out."""
         if path == "/_corral/counts":  # the emulator's own counters, for tests and benchmarks
-            return Plan(200, (("content-type", "application/json"),), jsonlib.dumps(self.counts))
+            counts = {**self.counts, **self.quota.stats()}
+            return Plan(200, (("content-type", "application/json"),), jsonlib.dumps(counts))
         self.counts["received"] += 1
         self._ids += 1
         rid = (("x-request-id", f"req_{self._ids:08d}"),)
