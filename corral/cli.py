@@ -24,7 +24,7 @@ import anyio
 import attrs
 
 from corral import __version__
-from corral.batch._job import TRANSPORTS, BatchJob, ExitCode, needs_extra, run_job
+from corral.batch._job import TRANSPORTS, VIAS, BatchJob, ExitCode, needs_extra, run_job
 from corral.batch._paths import check_input
 from corral.batch._runner import BatchOptions, estimate_cost, preflight
 from corral.batch._store import scan_output
@@ -139,6 +139,40 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_batch_api_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Batch API back-end (half the price, results within 24 hours)")
+    g.add_argument(
+        "--via",
+        choices=VIAS,
+        default="live",
+        help="send the lines as live calls, or through the provider's Batch API",
+    )
+    g.add_argument(
+        "--cancel",
+        action="store_true",
+        help="cancel this output's batches at the provider, merge what they finished",
+    )
+    g.add_argument(
+        "--batch-max-requests", type=_count, default=50_000, help="requests per batch file"
+    )
+    g.add_argument(
+        "--batch-max-bytes", type=_count, default=200 * 1024 * 1024, help="bytes per batch file"
+    )
+    g.add_argument(
+        "--batch-poll",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between polls after a change (growing to 60 while nothing changes)",
+    )
+    g.add_argument(
+        "--batch-rounds",
+        type=_count,
+        default=3,
+        help="rounds in all: the first, then resends of what expired, failed or went missing",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="corral",
@@ -200,6 +234,7 @@ def _parser() -> argparse.ArgumentParser:
         help="append every decision (waits, retries, pauses, cache, breaker) as JSON lines",
     )
     _add_policy_flags(run)
+    _add_batch_api_flags(run)
 
     prep = command("prepare", "fill a prompt template from a CSV/JSONL table into requests")
     prep.add_argument("rows", type=Path, help="a CSV with a header row (UTF-8), or JSONL objects")
@@ -329,6 +364,12 @@ def _job(args: argparse.Namespace, argv: Sequence[str]) -> BatchJob:
         json_summary=args.json,
         resume_command=resume_command(argv),
         trace=args.trace,
+        via=args.via,
+        cancel=args.cancel,
+        batch_max_requests=args.batch_max_requests,
+        batch_max_bytes=args.batch_max_bytes,
+        batch_poll=args.batch_poll,
+        batch_rounds=args.batch_rounds,
     )
 
 

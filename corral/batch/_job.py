@@ -31,6 +31,7 @@ import anyio
 import attrs
 
 from corral._client import Client, default_middleware, resolve_api_key
+from corral.batch._batch_run import refuse_live_over_batches, run_via_batch_api
 from corral.batch._health import ProviderHealth
 from corral.batch._lock import RunLock
 from corral.batch._manifest import Manifest, check_manifest, record_manifest
@@ -64,6 +65,8 @@ class ExitCode(enum.IntEnum):
 
 
 TRANSPORTS = ("h11", "httpx", "httpx2", "aiohttp")
+#: How the lines go out: live calls, or the provider's Batch API (issue 18).
+VIAS = ("live", "batch-api")
 
 
 @attrs.frozen
@@ -105,6 +108,18 @@ class BatchJob:
     resume_command: str | None = None
     #: Append every decision (waits, retries, pauses, cache, breaker) to this JSONL file.
     trace: Path | None = None
+    # Batch API back-end (issue 18): the same file through the provider's Batch API.
+    via: str = "live"
+    #: Cancel this output's batches at the provider, merge what they finished (batch-api).
+    cancel: bool = False
+    #: Limits of one batch input file (OpenAI's: 50,000 requests, 200 MB).
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200 * 1024 * 1024
+    #: Seconds between polls: ``batch_poll`` after a status change, growing to ``batch_poll_max``.
+    batch_poll: float = 5.0
+    batch_poll_max: float = 60.0
+    #: Rounds in all: the first, then resends of what expired, failed retryably or is missing.
+    batch_rounds: int = 3
 
     @property
     def options(self) -> BatchOptions:
@@ -136,10 +151,27 @@ class BatchJob:
             (self.rpm is None or self.rpm >= 1, "--rpm must be at least 1"),
             (self.tpm is None or self.tpm >= 1, "--tpm must be at least 1"),
             (self.transport in TRANSPORTS, f"--transport must be one of {', '.join(TRANSPORTS)}"),
+            *_batch_api_checks(self),
         ]
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(message)
+
+
+def _batch_api_checks(job: BatchJob) -> list[tuple[bool, str]]:
+    batch = job.via == "batch-api"
+    live_only = job.cache or job.redis or job.truncate or job.quota_redis
+    return [
+        (job.via in VIAS, f"--via must be one of {', '.join(VIAS)}"),
+        (job.via == "batch-api" or not job.cancel, "--cancel needs --via batch-api"),
+        (not batch or job.transport == "h11", "--via batch-api uploads with the h11 transport"),
+        (not (batch and live_only), "--cache, --redis, --truncate, --quota-redis: --via live only"),
+        (job.batch_max_requests >= 1, "--batch-max-requests must be at least 1"),
+        (job.batch_max_bytes >= 1024, "--batch-max-bytes must be at least 1024"),
+        (_finite(job.batch_poll) and job.batch_poll > 0, "--batch-poll must be a positive number"),
+        (_finite(job.batch_poll_max) and job.batch_poll_max > 0, "batch_poll_max must be > 0"),
+        (job.batch_rounds >= 1, "--batch-rounds must be at least 1"),
+    ]
 
 
 def _finite(value: float) -> bool:
@@ -265,6 +297,10 @@ async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
             print(f"corral: bad line {bad.where(options.input)}: {bad.reason}", file=err)
         if pre.bad_count > len(pre.bad):
             print(f"corral: ... and {pre.bad_count - len(pre.bad)} more bad lines", file=err)
+        if job.via == "batch-api":
+            report, summary = await run_via_batch_api(job, options, pre, api_key, err)
+            return JobResult(_exit_code(job, report, err), report, summary)
+        refuse_live_over_batches(output)
         counted: Counter[str] = Counter()
         trace = TraceFile(job.trace) if job.trace is not None else None
         sinks: list[EventSink] = [lambda event: counted.update((event.name,))]

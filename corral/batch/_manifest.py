@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from corral.batch._batch_state import RemoteState
 from corral.batch._paths import replace_atomically
 from corral.core._errors import InvalidInput
 
@@ -35,6 +36,11 @@ class Manifest:
     model: str | None
     base_url: str
     shard: tuple[int, int] | None
+    # -- the Batch API back-end (issue 18); neither changes answers, so ``changes`` skips them
+    #: ``live`` or ``batch-api``: how the lines are sent.
+    via: str = "live"
+    #: Every file and batch the run has at the provider, recorded the moment it is made.
+    remote: RemoteState = attrs.field(factory=RemoteState)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -44,6 +50,8 @@ class Manifest:
             "model": self.model,
             "base_url": self.base_url,
             "shard": list(self.shard) if self.shard else None,
+            "via": self.via,
+            "batch_api": self.remote.to_json() if self.remote.round else None,
         }
 
     @classmethod
@@ -56,6 +64,8 @@ class Manifest:
             model=data["model"],
             base_url=str(data["base_url"]),
             shard=(int(shard[0]), int(shard[1])) if shard else None,
+            via=str(data.get("via", "live")),
+            remote=RemoteState.from_json(data.get("batch_api")),
         )
 
     def changes(self, new: Manifest) -> list[str]:

@@ -2,8 +2,8 @@
 
 Theory of operation. An upload (multipart, purpose ``batch``) is kept on disk, so a benchmark
 of a million lines does not live in the emulator's memory. A batch moves along its timeline as
-time passes, checked whenever it is read (retrieve, list, cancel): the first tenth of
-``duration`` it is ``validating``, then ``in_progress`` (its lines are answered in order, as
+time passes, checked whenever it is read (retrieve, list, cancel): the first tenth of its
+duration it is ``validating``, then ``in_progress`` (its lines are answered in order, as
 many as the elapsed time says, so ``request_counts`` grow), the last tenth ``finalizing``, then
 ``completed`` with an output file (status 200 records) and an error file (the others). Each
 line is answered by the emulator's own chat or embeddings route, so a batch's answers are the
@@ -44,8 +44,10 @@ _DAY = 24 * 3600
 class BatchConfig:
     """How the emulated Batch API behaves (see the module docstring)."""
 
-    #: Seconds from creation to completion.
+    #: Seconds from creation to completion, plus ``per_request`` for each line (a big batch
+    #: takes longer, so a smaller resubmission can finish where the first expired).
     duration: float = 1.0
+    per_request: float = 0.0
     #: Seconds after creation at which an unfinished batch expires; None: never.
     expires_after: float | None = None
     #: custom_id -> fault for that line's first answer: "400", "429", "500" (an error-file
@@ -334,7 +336,8 @@ class BatchService:
         """Move ``batch`` along its timeline to ``now``, answering the lines now due."""
         if not batch.active:
             return batch
-        duration, expiry = self.config.duration, self.config.expires_after
+        duration = self.config.duration + self.config.per_request * batch.total
+        expiry = self.config.expires_after
         elapsed = now - batch.created
         ends = min(elapsed, expiry) if expiry is not None else elapsed
         if duration <= 0:
