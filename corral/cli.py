@@ -173,6 +173,36 @@ def _add_batch_api_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits as the provider counts them (with --rpm/--tpm)")
+    g.add_argument(
+        "--window",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="the provider enforces the per-minute limits over any window this long",
+    )
+    g.add_argument(
+        "--settle",
+        choices=["reserved", "usage"],
+        default="reserved",
+        help="a call costs its reservation (prompt estimate + max_tokens, as OpenAI counts) "
+        "or is refunded to its usage (for providers that count usage)",
+    )
+    g.add_argument(
+        "--burst-requests",
+        type=_seconds,
+        metavar="N",
+        help="calls sent at once (default: 2%% of a window)",
+    )
+    g.add_argument(
+        "--burst-tokens",
+        type=_seconds,
+        metavar="N",
+        help="tokens sent at once (default: 2%% of a window)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="corral",
@@ -234,6 +264,7 @@ def _parser() -> argparse.ArgumentParser:
         help="append every decision (waits, retries, pauses, cache, breaker) as JSON lines",
     )
     _add_policy_flags(run)
+    _add_limit_flags(run)
     _add_batch_api_flags(run)
 
     prep = command("prepare", "fill a prompt template from a CSV/JSONL table into requests")
@@ -287,6 +318,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--faults-use-quota", action="store_true", help="injected faults count against RPM/TPM"
+    )
+    serve.add_argument(
+        "--window",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="it enforces the per-minute limits over any window this long",
     )
     bounds = serve.add_argument_group("bounds on each client")
     bounds.add_argument(
@@ -364,6 +402,10 @@ def _job(args: argparse.Namespace, argv: Sequence[str]) -> BatchJob:
         json_summary=args.json,
         resume_command=resume_command(argv),
         trace=args.trace,
+        window=args.window,
+        settle=args.settle,
+        burst_requests=args.burst_requests,
+        burst_tokens=args.burst_tokens,
         via=args.via,
         cancel=args.cancel,
         batch_max_requests=args.batch_max_requests,
@@ -462,6 +504,7 @@ def _serve(args: argparse.Namespace) -> int:
         any_model=args.any_model,
         count=args.count,
         faults_use_quota=args.faults_use_quota,
+        window=args.window,
     )
     if args.models:
         config = attrs.evolve(config, models=frozenset(m.strip() for m in args.models.split(",")))

@@ -22,19 +22,27 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
+import anyio.to_thread
 import attrs
 
 from corral._client import Client, default_middleware, resolve_api_key
 from corral.batch._batch_run import refuse_live_over_batches, run_via_batch_api
 from corral.batch._health import ProviderHealth
 from corral.batch._lock import RunLock
-from corral.batch._manifest import Manifest, check_manifest, record_manifest
+from corral.batch._manifest import (
+    RECORD_EVERY,
+    Manifest,
+    RecentSends,
+    check_manifest,
+    read_recent,
+    record_manifest,
+)
 from corral.batch._paths import check_input, check_output
 from corral.batch._progress import ProgressView, format_summary, summary_dict
 from corral.batch._runner import BatchOptions, BatchReport, BatchRunner, Preflight, preflight
@@ -43,6 +51,7 @@ from corral.core._errors import InvalidInput
 from corral.core._events import EventSink, TransportResent
 from corral.core._models import Timeouts
 from corral.middleware._cache import Cache
+from corral.middleware._ratelimit import RateLimit
 from corral.middleware._retry import Retry
 from corral.middleware._truncate import Truncate
 from corral.observe import TraceFile, fan_out
@@ -108,6 +117,14 @@ class BatchJob:
     resume_command: str | None = None
     #: Append every decision (waits, retries, pauses, cache, breaker) to this JSONL file.
     trace: Path | None = None
+    # Limits as providers count them (issue 14)
+    #: Seconds over which the provider enforces the per-minute limits.
+    window: float = 60.0
+    #: What a call costs once its usage is known: "reserved" (as OpenAI counts) or "usage".
+    settle: str = "reserved"
+    #: What may be sent at once (None: 2% of what one window admits).
+    burst_requests: float | None = None
+    burst_tokens: float | None = None
     # Batch API back-end (issue 18): the same file through the provider's Batch API.
     via: str = "live"
     #: Cancel this output's batches at the provider, merge what they finished (batch-api).
@@ -151,6 +168,7 @@ class BatchJob:
             (self.rpm is None or self.rpm >= 1, "--rpm must be at least 1"),
             (self.tpm is None or self.tpm >= 1, "--tpm must be at least 1"),
             (self.transport in TRANSPORTS, f"--transport must be one of {', '.join(TRANSPORTS)}"),
+            *_limit_checks(self),
             *_batch_api_checks(self),
         ]
         for ok, message in checks:
@@ -171,6 +189,15 @@ def _batch_api_checks(job: BatchJob) -> list[tuple[bool, str]]:
         (_finite(job.batch_poll) and job.batch_poll > 0, "--batch-poll must be a positive number"),
         (_finite(job.batch_poll_max) and job.batch_poll_max > 0, "batch_poll_max must be > 0"),
         (job.batch_rounds >= 1, "--batch-rounds must be at least 1"),
+    ]
+
+
+def _limit_checks(job: BatchJob) -> list[tuple[bool, str]]:
+    bursts = (job.burst_requests, job.burst_tokens)
+    return [
+        (_finite(job.window) and job.window > 0, "--window must be a positive number"),
+        (job.settle in ("reserved", "usage"), "--settle must be reserved or usage"),
+        (all(b is None or (_finite(b) and b > 0) for b in bursts), "--burst-* must be > 0"),
     ]
 
 
@@ -247,29 +274,74 @@ def _check_sqlite(path: Path) -> None:
 
 def _middleware(job: BatchJob) -> list[Any]:
     stack: list[Any] = default_middleware(
-        rpm=None if job.quota_redis else job.rpm,
-        tpm=None if job.quota_redis else job.tpm,
         concurrency=job.concurrency,
         max_attempts=job.retries + 1,
         timeout=job.timeout,
         retry_budget=job.retry_budget,
         max_pause=job.max_pause,
         cache=_cache(job),
-        truncate=Truncate() if job.truncate else None,
+    truncate=Truncate() if job.truncate else None,
     )
-    if job.quota_redis:  # the shared limiter takes the local one's place, outside ConcurrencyLimit
+    limiter = _limiter(job)
+    if limiter is not None:  # where default_middleware puts it: just outside ConcurrencyLimit
+        stack.insert(len(stack) - 1, limiter)
+    return stack
+
+
+def _limiter(job: BatchJob) -> Any:
+    """The rate limiter: local, or shared through Redis (--quota-redis); None without limits."""
+    if job.rpm is None and job.tpm is None:
+        return None
+    limits: dict[str, Any] = {
+        "rpm": job.rpm,
+        "tpm": job.tpm,
+        "window": job.window,
+        "settle": job.settle,
+        "burst_requests": job.burst_requests,
+        "burst_tokens": job.burst_tokens,
+        "max_pause": job.max_pause,
+    }
+    if job.quota_redis:
         with needs_extra("redis", "--quota-redis"):
             from corral.middleware._shared_ratelimit import SharedRateLimit
 
-            shared = SharedRateLimit(
-                job.quota_redis,
-                name=job.quota_name,
-                rpm=job.rpm,
-                tpm=job.tpm,
-                max_pause=job.max_pause,
-            )
-        stack.insert(len(stack) - 1, shared)
-    return stack
+            return SharedRateLimit(job.quota_redis, name=job.quota_name, **limits)
+    return RateLimit(**limits)
+
+
+def _local_limiter(client: Client) -> RateLimit | None:
+    return next((m for m in client.middleware if isinstance(m, RateLimit)), None)
+
+
+def _resume_limiter(client: Client, output: Path) -> None:
+    """What an earlier run on this output sent within the window (its manifest says) still
+    counts at the provider: the limiter starts with no more than the window has room for."""
+    limiter = _local_limiter(client)
+    recent = read_recent(output) if limiter is not None else None
+    if limiter is not None and recent is not None:
+        now = time.time()
+        limiter.resume(recent.aged(now), missed=min(RECORD_EVERY, max(0.0, now - recent.at)))
+
+
+async def _record_sends(output: Path, manifest: Manifest, limiter: RateLimit) -> None:
+    recent = RecentSends(time.time(), limiter.recent())
+    await anyio.to_thread.run_sync(record_manifest, output, attrs.evolve(manifest, recent=recent))
+
+
+def _sends_recorder(
+    output: Path, manifest: Manifest, client: Client
+) -> Callable[[], Coroutine[Any, Any, None]] | None:
+    """Every ``RECORD_EVERY`` seconds, the limiter's recent sends into the manifest."""
+    limiter = _local_limiter(client)
+    if limiter is None:
+        return None
+
+    async def record() -> None:
+        while True:
+            await anyio.sleep(RECORD_EVERY)
+            await _record_sends(output, manifest, limiter)
+
+    return record
 
 
 def _api_key(job: BatchJob) -> str:
@@ -323,6 +395,7 @@ async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
             resuming = output.exists() and output.stat().st_size > 0
             check_manifest(output, manifest, resuming=resuming, force=job.force_resume)
             scan = scan_output(output, drop_failures=job.retry_failed)
+            _resume_limiter(client, output)  # before the record below replaces the manifest
             record_manifest(output, manifest)
         except BaseException:
             await client.aclose()
@@ -332,7 +405,12 @@ async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
         runner = BatchRunner(client, options, health=ProviderHealth(max_outage=job.max_outage))
         started = time.monotonic()
         try:
-            await _drive(job, runner, client, pre, scan, err)
+            await _drive(
+                job, runner, client, pre, scan, err, _sends_recorder(output, manifest, client)
+            )
+            limiter = _local_limiter(client)
+            if limiter is not None:
+                await _record_sends(output, manifest, limiter)
         finally:
             if trace is not None:
                 trace.close()
@@ -346,6 +424,7 @@ async def _drive(
     pre: Preflight,
     scan: ScanResult,
     err: TextIO,
+    keep: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> None:
     view = ProgressView(pre.total, enabled=job.progress, stream=err)
 
@@ -374,6 +453,8 @@ async def _drive(
             if job.handle_signals:
                 tg.start_soon(watch_signals)
             tg.start_soon(draw)
+            if keep is not None:
+                tg.start_soon(keep)
             await runner.run(pre, scan)
             tg.cancel_scope.cancel()
     finally:

@@ -4,11 +4,17 @@ Written beside the output (``OUTPUT.manifest.json``) when a run starts. A rerun 
 input's fingerprint and the options that change answers (model override, base URL, shard);
 if any differ, resuming would put answers on the wrong ids (a bare-body input numbers its ids
 by line) or mix two models in one file, so the rerun is refused and told what changed.
+
+While a live run goes, the manifest also keeps what its rate limiter sent in the last window
+(``RecentSends``, rewritten every ``RECORD_EVERY`` seconds): a provider keeps counting those
+calls after the run is killed, so its successor starts with no more than that window has room
+for instead of a full burst.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +24,58 @@ from corral.batch._batch_state import RemoteState
 from corral.batch._paths import replace_atomically
 from corral.core._errors import InvalidInput
 
-__all__ = ["Manifest", "check_manifest", "manifest_path", "record_manifest"]
+__all__ = [
+    "RECORD_EVERY",
+    "Manifest",
+    "RecentSends",
+    "check_manifest",
+    "manifest_path",
+    "read_recent",
+    "record_manifest",
+]
 
 _VERSION = 1
 
 
 def manifest_path(output: Path) -> Path:
     return output.with_name(output.name + ".manifest.json")
+
+
+#: Seconds between two records of the recent sends (a killed run may have sent that long
+#: unrecorded: its successor counts that much more).
+RECORD_EVERY = 0.5
+
+#: (seconds before ``at``, requests, tokens) slices, per rate-limit key.
+Slices = Mapping[str, tuple[tuple[float, int, int], ...]]
+
+
+@attrs.frozen
+class RecentSends:
+    """What the run's rate limiter sent in its last window, per key, as of ``at`` (seconds
+    since the epoch: the reader is another process)."""
+
+    at: float
+    keys: Slices
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "keys": {k: [list(s) for s in v] for k, v in self.keys.items()}}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RecentSends | None:
+        """None when absent or not understood (an older manifest): nothing is assumed sent."""
+        try:
+            keys = {
+                str(key): tuple((float(age), int(r), int(t)) for age, r, t in slices)
+                for key, slices in data["keys"].items()
+            }
+            return cls(float(data["at"]), keys)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+
+    def aged(self, now: float) -> dict[str, tuple[tuple[float, int, int], ...]]:
+        """The slices with their ages counted from ``now`` instead of ``at``."""
+        late = max(0.0, now - self.at)
+        return {k: tuple((age + late, r, t) for age, r, t in v) for k, v in self.keys.items()}
 
 
 @attrs.frozen
@@ -41,6 +92,8 @@ class Manifest:
     via: str = "live"
     #: Every file and batch the run has at the provider, recorded the moment it is made.
     remote: RemoteState = attrs.field(factory=RemoteState)
+    #: Rate-limit history for a resume (issue 14); not a setting, so ``changes`` skips it.
+    recent: RecentSends | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +103,7 @@ class Manifest:
             "model": self.model,
             "base_url": self.base_url,
             "shard": list(self.shard) if self.shard else None,
+            "recent_sends": self.recent.to_json() if self.recent is not None else None,
             "via": self.via,
             "batch_api": self.remote.to_json() if self.remote.round else None,
         }
@@ -64,6 +118,7 @@ class Manifest:
             model=data["model"],
             base_url=str(data["base_url"]),
             shard=(int(shard[0]), int(shard[1])) if shard else None,
+            recent=RecentSends.from_json(data.get("recent_sends")),
             via=str(data.get("via", "live")),
             remote=RemoteState.from_json(data.get("batch_api")),
         )
@@ -84,6 +139,15 @@ class Manifest:
 
 def _shard(shard: tuple[int, int] | None) -> str:
     return "none" if shard is None else f"{shard[0]}/{shard[1]}"
+
+
+def read_recent(output: Path) -> RecentSends | None:
+    """The recent sends the manifest beside ``output`` holds (None: none, or unreadable)."""
+    try:
+        data = json.loads(manifest_path(output).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return RecentSends.from_json(data.get("recent_sends")) if isinstance(data, dict) else None
 
 
 def record_manifest(output: Path, current: Manifest) -> None:
