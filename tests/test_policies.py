@@ -157,13 +157,11 @@ class BreakerMachine(RuleBasedStateMachine):
         cooling = before is State.OPEN and self.now < cooling_until
         verdict = self.policy.before(self.now)
         if isinstance(verdict, Refuse):
-            if cooling:
-                assert self.policy.state is State.OPEN and verdict.until == cooling_until
-            else:  # half-open, its one probe out
-                assert before is State.HALF_OPEN and self.policy.state is State.HALF_OPEN
-                assert verdict.until == self.now + self.policy.config.cooldown
+            # Each call ends before the next starts, so a half-open breaker has its probe
+            # back: only the cooldown refuses.
+            assert cooling and self.policy.state is State.OPEN and verdict.until == cooling_until
             return
-        assert isinstance(verdict, Allow)
+        assert isinstance(verdict, Allow) and not cooling
         mid = self.policy.state
         # allowed past the cooldown, an open breaker lets this call through as its probe
         assert mid is (State.CLOSED if before is State.CLOSED else State.HALF_OPEN)
