@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections import Counter
@@ -53,7 +54,7 @@ def emu(request: pytest.FixtureRequest) -> Iterator[RunningEmulator]:
         yield running
 
 
-def run(emu: RunningEmulator, source: Path, out: Path, *extra: str) -> int:
+def run(emu: RunningEmulator, source: Path, out: Path, *extra: str, progress: bool = False) -> int:
     return main(
         [
             "run",
@@ -62,7 +63,7 @@ def run(emu: RunningEmulator, source: Path, out: Path, *extra: str) -> int:
             str(out),
             "--base-url",
             emu.base_url,
-            "--no-progress",
+            *([] if progress else ["--no-progress"]),
             "--via",
             "batch-api",
             "--batch-poll",
@@ -86,12 +87,18 @@ def by_id(path: Path) -> dict[str, dict[str, Any]]:
     return {r["custom_id"]: r for r in records}
 
 
+@pytest.mark.parametrize("emu", [BatchConfig(duration=1.0)], indirect=True)
 def test_the_input_is_split_into_three_batches_and_merged_exactly_once(
-    tmp_path: Path, emu: RunningEmulator
+    tmp_path: Path, emu: RunningEmulator, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(source, 1200, extra=["{broken"])
-    assert run(emu, source, out, "--batch-max-requests", "500", "--allow-failures") == 0
+    flags = ("--batch-max-requests", "500", "--allow-failures")
+    assert run(emu, source, out, *flags, progress=True) == 0
+    progress = capsys.readouterr().err
+    assert "round 1: 1200 request(s) in 3 batch file(s)" in progress
+    assert re.search(r"round 1: 3 batch\(es\): in_progress \d; requests \d+/1200 done", progress)
+    assert "completed 3; requests 1200/1200 done (0 failed)" in progress
     assert [len(ids) for ids in uploads(emu)] == [500, 500, 200]
     counts = emu.emulator.batches.counts
     assert counts["files_uploaded"] == 3 and counts["batches_created"] == 3

@@ -88,6 +88,7 @@ class BatchAPI:
 
     @property
     def base_url(self) -> str:
+        """The API's base URL (the argument, else ``$OPENAI_BASE_URL``, else OpenAI's)."""
         return self.client.base_url
 
     def __repr__(self) -> str:
@@ -111,6 +112,7 @@ class BatchAPI:
         return RemoteFile.from_json(self._decoded(request, await handler(request)))
 
     async def file(self, file_id: str) -> RemoteFile:
+        """The stored file ``file_id`` as the provider describes it."""
         return RemoteFile.from_json(await self._get(f"/files/{file_id}"))
 
     async def lines(self, file_id: str) -> AsyncIterator[bytes]:
@@ -184,6 +186,7 @@ class BatchAPI:
         return None
 
     async def retrieve(self, batch_id: str) -> RemoteBatch:
+        """The batch ``batch_id`` as the provider describes it now."""
         return RemoteBatch.from_json(await self._get(f"/batches/{batch_id}"))
 
     async def list(
@@ -198,6 +201,8 @@ class BatchAPI:
         return [RemoteBatch.from_json(b) for b in page], bool(data.get("has_more"))
 
     async def cancel(self, batch_id: str) -> RemoteBatch:
+        """Ask the provider to cancel ``batch_id`` (it ends ``cancelled``; what it finished
+        stays in its output file)."""
         request = self.client.build_request(f"/batches/{batch_id}/cancel", {})
         return RemoteBatch.from_json(self._decoded(request, await self.client.send(request)))
 
@@ -224,6 +229,7 @@ class BatchAPI:
         return data
 
     async def aclose(self) -> None:
+        """Close the connections."""
         await self.client.aclose()
 
     async def __aenter__(self) -> BatchAPI:

@@ -62,6 +62,7 @@ class PollSchedule:
     factor: float = attrs.field(default=1.5, validator=finite(minimum=1.0))
 
     def after(self, previous: float | None, *, changed: bool) -> float:
+        """The wait before the next poll, given the last wait (None: none yet)."""
         if previous is None or changed:
             return min(self.first, self.cap)
         return min(self.cap, previous * self.factor)

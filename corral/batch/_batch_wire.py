@@ -46,6 +46,7 @@ class RemoteFile:
 
     @classmethod
     def from_json(cls, data: Any) -> RemoteFile:
+        """Read a ``file`` object; ``MalformedResponse`` if it is not one."""
         try:
             return cls(
                 str(data["id"]), int(data["bytes"]), str(data["filename"]), str(data["purpose"])
@@ -56,6 +57,8 @@ class RemoteFile:
 
 @attrs.frozen
 class RequestCounts:
+    """How many of a batch's requests there are, finished well, and failed."""
+
     total: int = 0
     completed: int = 0
     failed: int = 0
@@ -86,6 +89,7 @@ class RemoteBatch:
 
     @property
     def done(self) -> bool:
+        """The batch is finished: ``completed``, ``failed``, ``expired`` or ``cancelled``."""
         return self.status in TERMINAL
 
     @property
@@ -97,6 +101,7 @@ class RemoteBatch:
 
     @classmethod
     def from_json(cls, data: Any) -> RemoteBatch:
+        """Read a ``batch`` object; ``MalformedResponse`` if it is not one."""
         try:
             counts = data.get("request_counts") or {}
             errors = (data.get("errors") or {}).get("data") or []
