@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import anyio
+import anyio.to_thread
 import attrs
 
 from corral.batch._batch_api import BatchAPI, collect
@@ -217,7 +218,8 @@ class BatchApiRun:
     async def _loop(self) -> None:
         delay: float | None = None
         while True:
-            if not self.state.parts and not self._next_round():
+            # A round's pass reads the whole input: in a thread, so signals are still heard.
+            if not self.state.parts and not await anyio.to_thread.run_sync(self._next_round):
                 break
             finished, changed = await self._guarded(self._step)
             if finished:
@@ -264,6 +266,12 @@ class BatchApiRun:
 
     def _next_round(self) -> bool:
         """Write the parts of a new round from the lines with no record yet; False if none."""
+        try:
+            return self._write_round()
+        except OSError as exc:
+            self._stop(f"cannot write the batch files in {self.workdir}: {exc.strerror or exc}")
+
+    def _write_round(self) -> bool:
         state = self.state
         number = state.round + 1 if state.round < self.job.batch_rounds else 1
         writer = PartWriter(self.workdir, f"r{number}", self.limits)
