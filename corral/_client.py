@@ -51,9 +51,17 @@ from corral.middleware._deadline import Deadline
 from corral.middleware._metrics import Aggregator, Metrics
 from corral.middleware._ratelimit import RateLimit
 from corral.middleware._retry import Retry
+from corral.middleware._router import Deployment, Router
 from corral.transports._base import Transport
 
-__all__ = ["Client", "MapResult", "SyncClient", "default_middleware", "resolve_api_key"]
+__all__ = [
+    "Client",
+    "MapResult",
+    "SyncClient",
+    "default_middleware",
+    "resolve_api_key",
+    "routed_middleware",
+]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _PLACEHOLDERS = {"your-api-key", "your_api_key", "changeme", "none", "null", "undefined"}
@@ -132,6 +140,34 @@ def default_middleware(
     return layers
 
 
+def routed_middleware(
+    router: Router,
+    *,
+    timeout: float | None = 600.0,
+    cache: Middleware | None = None,
+    truncate: Middleware | None = None,
+    metrics: Metrics | None = None,
+) -> list[Middleware]:
+    """The default stack over several deployments: ``Metrics -> [Cache] -> [Truncate] ->
+    Deadline -> Router``. The router retries across deployments, and each deployment has its
+    own breaker, quota and slots (and the budget, if the router has one)."""
+    layers: list[Middleware] = [metrics or Metrics()]
+    layers += [layer for layer in (cache, truncate) if layer is not None]
+    return [*layers, Deadline(timeout), router]
+
+
+def as_router(deployments: Router | str | os.PathLike[str] | Sequence[Deployment]) -> Router:
+    """A router from what ``Client(deployments=...)`` accepts: a router, a TOML file, or
+    ``Deployment`` values."""
+    if isinstance(deployments, Router):
+        return deployments
+    if isinstance(deployments, str | os.PathLike):
+        from corral._deployments import load_router
+
+        return load_router(deployments)
+    return Router(list(deployments))
+
+
 class Client:
     """Call an OpenAI-compatible API through a corral stack.
 
@@ -151,26 +187,49 @@ class Client:
         model: str | None = None,
         headers: Mapping[str, str] | None = None,
         events: EventSink | None = None,
+        deployments: Router | str | os.PathLike[str] | Sequence[Deployment] | None = None,
     ) -> None:
         """``events``: one sink for every decision the stack makes on this client's calls
-        (``corral.observe`` has logging and trace-file sinks)."""
-        self.base_url = (
-            base_url
-            or os.environ.get("CORRAL_BASE_URL")
-            or os.environ.get("OPENAI_BASE_URL")
-            or DEFAULT_BASE_URL
-        )
-        self._api_key = resolve_api_key(api_key, api_key_env)
+        (``corral.observe`` has logging and trace-file sinks).
+
+        ``deployments``: send every call over several deployments (a ``Router``, a TOML
+        deployments file, or ``Deployment`` values), which bring their own URLs and keys. The
+        router is the innermost layer; ``middleware`` lists the layers above it (default
+        ``routed_middleware``: Metrics and a Deadline).
+        """
+        self.router = None if deployments is None else as_router(deployments)
+        if self.router is not None:
+            if base_url is not None or api_key is not None or api_key_env is not None:
+                raise errors.InvalidInput(
+                    "Client(deployments=...) takes URLs and keys from its deployments; "
+                    "pass no base_url, api_key or api_key_env"
+                )
+            self.base_url, self._api_key = self.router.base_url, ""
+        else:
+            self.base_url = (
+                base_url
+                or os.environ.get("CORRAL_BASE_URL")
+                or os.environ.get("OPENAI_BASE_URL")
+                or DEFAULT_BASE_URL
+            )
+            self._api_key = resolve_api_key(api_key, api_key_env)
         if transport is None:
             from corral.transports._http11 import H11Transport
 
             transport = H11Transport(timeouts=timeouts)
         self.transport = transport
-        self.middleware = list(default_middleware() if middleware is None else middleware)
+        if self.router is None:
+            self.middleware = list(default_middleware() if middleware is None else middleware)
+        elif middleware is None:
+            self.middleware = routed_middleware(self.router)
+        else:
+            self.middleware = [*(m for m in middleware if m is not self.router), self.router]
         self.handler: Handler = build_stack(self.middleware, transport, events=events)
         self.model = model or os.environ.get("CORRAL_MODEL")
         self._headers = dict(headers or {})
         self._secrets = _credentials(self._api_key, self._headers)
+        if self.router is not None:
+            self._secrets = tuple(sorted({*self._secrets, *self.router.secrets}))
 
     def __repr__(self) -> str:
         return f"Client(base_url={self.base_url!r}, api_key=[redacted])"

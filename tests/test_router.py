@@ -159,12 +159,15 @@ def test_with_no_lane_left_a_failure_waits_a_backoff_or_gives_up() -> None:
     assert decide(CircuitOpen("open", retry_at=1.0), others=False) == RetryLater(0.0)
 
 
-def test_failovers_count_attempts_and_spend_the_shared_retry_budget() -> None:
+def test_failovers_count_attempts_and_backoffs_spend_the_shared_retry_budget() -> None:
     assert decide(ConnectError("x"), attempt=5) == GiveUp("attempts")
     empty = RetryBudget(ratio=0.0, reserve=0.0, cap=0.0)
-    assert decide(ConnectError("x"), budget=empty) == GiveUp("budget")
+    # A failover adds no load to the failing deployment: an empty budget does not stop it...
+    assert decide(ConnectError("x"), budget=empty) == FailOver("unavailable", True)
+    # ...but a backoff retry (nowhere else to go) spends from it.
+    assert decide(ServerError("boom", status=500), others=False, budget=empty) == GiveUp("budget")
     one = RetryBudget(ratio=0.0, reserve=1.0, cap=1.0)
-    assert decide(ConnectError("x"), budget=one) == FailOver("unavailable", True)
+    assert decide(ServerError("boom", status=500), others=False, budget=one) == RetryLater(0.25)
     assert one.balance == 0.0
 
 

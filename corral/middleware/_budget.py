@@ -256,6 +256,7 @@ class _RedisLedger:
         self._key = f"corral:budget:{name}"
         self._reserve = self._client.register_script(RESERVE)
         self._settle = self._client.register_script(SETTLE)
+        self._settled: anyio.Event | None = None
 
     async def _run(self, command: Callable[[], object]) -> list[int]:
         from corral.stores.redis import run_blocking
@@ -284,11 +285,21 @@ class _RedisLedger:
         return Short(max(0, self._cap - spent - reserved), reserved > 0), state, 0
 
     async def changed(self, version: int) -> None:
-        await anyio.sleep(0.02)  # another process's settlement: nothing to wait on but time
+        """A settlement in this process, or a moment for another process's."""
+        if self._settled is None:
+            self._settled = anyio.Event()
+        with anyio.move_on_after(0.02):
+            await self._settled.wait()
+
+    def _wake(self) -> None:
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
 
     async def settle(self, held: int, actual: int) -> Ledger:
         args = [-held, actual, max(0, actual - held)]
         spent, reserved = await self._run(lambda: self._settle(keys=[self._key], args=args))
+        self._wake()
         return Ledger(spent, reserved)
 
     async def read(self) -> Ledger:
@@ -387,6 +398,7 @@ class Budget:
         self.last = Ledger()
         #: Set once a call was refused because the cap was reached.
         self.exhausted = False
+        self._queue: anyio.Lock | None = None
 
     @property
     def cap_usd(self) -> float:
@@ -444,43 +456,58 @@ class Budget:
         settle = _StreamSettlement(self, call, amount, price, parse)
         return attrs.evolve(response, stream=_SettlingStream(stream, settle))
 
+    def _waits(self, decision: Held | Short) -> bool:
+        return (
+            isinstance(decision, Short)
+            and decision.others
+            and self.config.wait
+            and not self.exhausted
+        )
+
     async def _reserve(self, call: Call, amount: int) -> None:
-        while True:
-            decision, state, version = await self._ledger.reserve(amount)
-            self.last = state
-            match decision:
-                case Held():
-                    call.emit(
-                        BudgetReserved,
-                        current_time(),
-                        usd=amount / NANO,
-                        spent=state.spent / NANO,
-                        reserved=state.reserved / NANO,
-                        cap=self.cap_usd,
-                    )
-                    return
-                case Short(free=free, others=others):
-                    if others and self.config.wait:
+        decision, state, version = await self._ledger.reserve(amount)
+        if self._waits(decision):
+            # One waiter at a time asks again (FIFO), after a settlement or a moment: many
+            # calls waiting for room cost one question to the ledger, not one each.
+            if self._queue is None:
+                self._queue = anyio.Lock()
+            async with self._queue:
+                while True:
+                    if not self.exhausted:  # else ask once more at once: the cap was reached
                         await self._ledger.changed(version)
-                        continue
-                    self.exhausted = True
-                    call.emit(
-                        BudgetRefused,
-                        current_time(),
-                        usd=amount / NANO,
-                        free=free / NANO,
-                        cap=self.cap_usd,
-                    )
-                    raise BudgetExceeded(
-                        f"the spend cap is reached: this call may cost up to ${amount / NANO:.6f}"
-                        f" but ${free / NANO:.6f} of the ${self.cap_usd:g} cap is left "
-                        f"(${state.spent / NANO:.6f} spent)",
-                        needed=amount / NANO,
-                        free=free / NANO,
-                        cap=self.cap_usd,
-                    )
-                case other:
-                    never(other)
+                    decision, state, version = await self._ledger.reserve(amount)
+                    if not self._waits(decision):
+                        break
+        self.last = state
+        match decision:
+            case Held():
+                call.emit(
+                    BudgetReserved,
+                    current_time(),
+                    usd=amount / NANO,
+                    spent=state.spent / NANO,
+                    reserved=state.reserved / NANO,
+                    cap=self.cap_usd,
+                )
+            case Short(free=free):
+                self.exhausted = True  # from now on a call that does not fit fails at once
+                call.emit(
+                    BudgetRefused,
+                    current_time(),
+                    usd=amount / NANO,
+                    free=free / NANO,
+                    cap=self.cap_usd,
+                )
+                raise BudgetExceeded(
+                    f"the spend cap is reached: this call may cost up to ${amount / NANO:.6f}"
+                    f" but ${free / NANO:.6f} of the ${self.cap_usd:g} cap is left "
+                    f"(${state.spent / NANO:.6f} spent)",
+                    needed=amount / NANO,
+                    free=free / NANO,
+                    cap=self.cap_usd,
+                )
+            case other:
+                never(other)
 
     async def _settle(self, call: Call, held: int, actual: int) -> None:
         with anyio.CancelScope(shield=True):

@@ -22,8 +22,10 @@ lane (the failed one is ruled out for this call; for a 429 only its lane, else i
 deployment). A context-length error fails over only to a deployment with a larger window for
 the model. Anything else that would fail anywhere (400, 401, 404...) is final. The other
 retryable failures (a short 429, 408, 409, a malformed body), and failovers once every lane
-was tried, wait a backoff (``RetryPolicy``) and start over. Every attempt and failover counts
-against ``max_attempts`` and spends from the retry budget.
+was tried, wait a backoff (``RetryPolicy``) and start over. Every attempt counts against
+``max_attempts``; every backoff spends from the one retry budget all deployments share. A
+failover does not: it moves a call off a failing deployment instead of adding load to it, so
+a deployment dying under many calls in flight sends all of them elsewhere at once.
 
 Cooldown (``CooldownPolicy``, pure): a deployment failing over ``allowed_fails + 1`` times in a
 row (a lane, for 429s: at once, for as long as the 429 asked) takes no calls for ``cooldown``
@@ -377,15 +379,17 @@ class RoutePolicy:
         if isinstance(error, ContextLengthExceeded):
             if not larger_window:
                 return GiveUp("no_larger_window")
-            return self._spend(attempt, budget) or FailOver(
+            return self._attempts_left(attempt) or FailOver(
                 "context_window", False, (window or 0) + 1
             )
         reason = self.failover_reason(error)
         if reason is not None and others:
-            return self._spend(attempt, budget) or FailOver(reason, reason != "rate_limited")
+            return self._attempts_left(attempt) or FailOver(reason, reason != "rate_limited")
         if isinstance(error, CircuitOpen):
             # Every lane is out: choose again, which waits for the first circuit to probe.
-            return self._spend(attempt, budget) or RetryLater(0.0)
+            if budget is not None and not budget.withdraw():
+                return GiveUp("budget")
+            return self._attempts_left(attempt) or RetryLater(0.0)
         if reason is not None and not retry.retryable(error):
             # Fails over (a wrong scheme at one endpoint), but is not worth waiting for.
             return GiveUp("not_retryable")
@@ -397,11 +401,9 @@ class RoutePolicy:
             case other:
                 never(other)
 
-    def _spend(self, attempt: int, budget: RetryBudget | None) -> GiveUp | None:
+    def _attempts_left(self, attempt: int) -> GiveUp | None:
         if attempt >= self.config.retry.max_attempts:
             return GiveUp("attempts")
-        if budget is not None and not budget.withdraw():
-            return GiveUp("budget")
         return None
 
 
