@@ -139,6 +139,50 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits as the provider counts them (with --rpm/--tpm)")
+    g.add_argument(
+        "--window",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="the provider enforces the per-minute limits over any window this long",
+    )
+    g.add_argument(
+        "--settle",
+        choices=["reserved", "usage"],
+        default="reserved",
+        help="a call costs its reservation (prompt estimate + max_tokens, as OpenAI counts) "
+        "or is refunded to its usage (for providers that count usage)",
+    )
+    g.add_argument(
+        "--burst-requests",
+        type=_seconds,
+        metavar="N",
+        help="calls sent at once (default: 2%% of a window)",
+    )
+    g.add_argument(
+        "--burst-tokens",
+        type=_seconds,
+        metavar="N",
+        help="tokens sent at once (default: 2%% of a window)",
+    )
+
+
+def _add_ray_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ray (ray extra)")
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on the Ray cluster at ADDRESS (a new local one without it); same output file",
+    )
+    g.add_argument(
+        "--ray-actors", type=_count, default=2, help="actors calling the API (--concurrency each)"
+    )
+
+
 def _add_batch_api_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Batch API back-end (half the price, results within 24 hours)")
     g.add_argument(
@@ -170,36 +214,6 @@ def _add_batch_api_flags(p: argparse.ArgumentParser) -> None:
         type=_count,
         default=3,
         help="rounds in all: the first, then resends of what expired, failed or went missing",
-    )
-
-
-def _add_limit_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("limits as the provider counts them (with --rpm/--tpm)")
-    g.add_argument(
-        "--window",
-        type=_seconds,
-        default=60.0,
-        metavar="SECONDS",
-        help="the provider enforces the per-minute limits over any window this long",
-    )
-    g.add_argument(
-        "--settle",
-        choices=["reserved", "usage"],
-        default="reserved",
-        help="a call costs its reservation (prompt estimate + max_tokens, as OpenAI counts) "
-        "or is refunded to its usage (for providers that count usage)",
-    )
-    g.add_argument(
-        "--burst-requests",
-        type=_seconds,
-        metavar="N",
-        help="calls sent at once (default: 2%% of a window)",
-    )
-    g.add_argument(
-        "--burst-tokens",
-        type=_seconds,
-        metavar="N",
-        help="tokens sent at once (default: 2%% of a window)",
     )
 
 
@@ -264,8 +278,10 @@ def _parser() -> argparse.ArgumentParser:
         help="append every decision (waits, retries, pauses, cache, breaker) as JSON lines",
     )
     _add_policy_flags(run)
+    _add_routing_flags(run)
     _add_limit_flags(run)
     _add_batch_api_flags(run)
+    _add_ray_flags(run)
 
     prep = command("prepare", "fill a prompt template from a CSV/JSONL table into requests")
     prep.add_argument("rows", type=Path, help="a CSV with a header row (UTF-8), or JSONL objects")
@@ -281,6 +297,13 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--id-field", help="the column to use as custom_id (default: row-N)")
 
     serve = command("serve", "run the OpenAI-compatible emulator (for tests and demos)")
+    serve.add_argument(
+        "--deployments",
+        type=Path,
+        metavar="FILE",
+        help="serve every deployment of this TOML file at its base_url, with its limits, "
+        "prices and [deployment.emulator] faults (other flags are ignored)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=_non_negative_int, default=8000, help="TCP port")
     serve.add_argument("--rpm", type=_count, help="requests per minute it allows (429 beyond)")
@@ -354,6 +377,11 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", choices=["asyncio", "trio"], default="asyncio", help="event loop"
     )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    demo.add_argument(
+        "--deployments",
+        action="store_true",
+        help="route over two emulated deployments and kill the preferred one mid-run",
+    )
     return parser
 
 
@@ -367,6 +395,8 @@ def resume_command(argv: Sequence[str]) -> str:
 
 
 def _job(args: argparse.Namespace, argv: Sequence[str]) -> BatchJob:
+    if args.ray is not None and args.backend == "trio":
+        raise InvalidInput("--ray actors run on asyncio; drop --backend trio")
     if args.transport == "aiohttp" and args.backend == "trio":
         raise InvalidInput("--transport aiohttp runs only on asyncio; use --backend asyncio")
     if args.backend == "trio":
@@ -401,17 +431,20 @@ def _job(args: argparse.Namespace, argv: Sequence[str]) -> BatchJob:
         progress=not args.no_progress,
         json_summary=args.json,
         resume_command=resume_command(argv),
-        trace=args.trace,
         window=args.window,
         settle=args.settle,
         burst_requests=args.burst_requests,
         burst_tokens=args.burst_tokens,
+        trace=args.trace,
+        **_routing_fields(args),
         via=args.via,
         cancel=args.cancel,
         batch_max_requests=args.batch_max_requests,
         batch_max_bytes=args.batch_max_bytes,
         batch_poll=args.batch_poll,
         batch_rounds=args.batch_rounds,
+        ray=args.ray,
+        ray_actors=args.ray_actors,
     )
 
 
@@ -420,7 +453,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     options = BatchOptions(input=args.input, output=args.output, model=args.model, shard=args.shard)
     pre = preflight(options)
     done = scan_output(args.output, repair=False).done if args.output.is_file() else None
-    est = estimate_cost(options, done=done)
+    est = estimate_cost(options, done=done, **_dry_run_prices(args))
     result = {
         "lines": pre.total,
         "bad_lines": pre.bad_count,
@@ -430,6 +463,7 @@ def _dry_run(args: argparse.Namespace) -> int:
         "max_output_tokens": est.max_output_tokens,
         "cost_usd_range": [round(est.cost_low, 4), round(est.cost_high, 4)],
         "unpriced_models": list(est.unpriced_models),
+        **_dry_run_budget(args, est.cost_high),
     }
     print(json.dumps(result, indent=2))
     return ExitCode.OK
@@ -490,6 +524,8 @@ def _latency(text: str) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.deployments is not None:
+        return _serve_deployments(args)
     from corral.testing.emulator import EmulatorConfig
     from corral.testing.server import ServerLimits, serve_forever
 
@@ -538,7 +574,82 @@ def _trace(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from corral._demo import run_demo
 
+    if args.deployments:
+        from corral._demo_routing import run_routing_demo
+
+        return run_routing_demo(args.requests, args.dir, backend=args.backend)
     return run_demo(args.requests, args.dir, backend=args.backend, json_summary=args.json)
+
+
+def _add_routing_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("deployments and the spend cap")
+    g.add_argument(
+        "--deployments",
+        type=Path,
+        metavar="FILE",
+        help="route every call over the deployments of this TOML file (docs/routing.md)",
+    )
+    g.add_argument(
+        "--budget-usd",
+        type=_fraction,
+        metavar="USD",
+        help="stop admitting when the next call's worst case would pass this spend cap "
+        f"(exit {int(ExitCode.BUDGET)}; the rest stays resumable)",
+    )
+    g.add_argument(
+        "--budget-redis",
+        metavar="URL",
+        help="share the --budget-usd cap with other processes through this Redis",
+    )
+    g.add_argument("--budget-name", default="default", help="which shared budget (--budget-redis)")
+
+
+def _routing_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "deployments": args.deployments,
+        "budget_usd": args.budget_usd,
+        "budget_redis": args.budget_redis,
+        "budget_name": args.budget_name,
+    }
+
+
+def _dry_run_prices(args: argparse.Namespace) -> dict[str, Any]:
+    """With --deployments, the dry run prices calls at the preferred deployment's prices."""
+    if args.deployments is None:
+        return {}
+    from corral._deployments import read_deployments
+    from corral.batch._routing import deployment_prices
+
+    file = read_deployments(args.deployments, check_env=False)
+    first = min(file.deployments, key=lambda d: d.priority)
+    return {"prices": deployment_prices(first)}
+
+
+def _dry_run_budget(args: argparse.Namespace, high: float) -> dict[str, Any]:
+    """The projected cost against ``--budget-usd``, and where the prices came from."""
+    out: dict[str, Any] = {}
+    if args.deployments is not None:
+        from corral._deployments import read_deployments
+
+        file = read_deployments(args.deployments, check_env=False)
+        first = min(file.deployments, key=lambda d: d.priority)
+        out["priced_at"] = {"deployment": first.name, "prices_as_of": str(first.prices.as_of)}
+    if args.budget_usd is not None:
+        out["budget_usd"] = args.budget_usd
+        out["within_budget"] = high <= args.budget_usd
+    return out
+
+
+def _serve_deployments(args: argparse.Namespace) -> int:
+    from corral._deployments import read_deployments
+    from corral.testing.deployments import emulated_deployments, serve_deployments_forever
+
+    specs = emulated_deployments(read_deployments(args.deployments, check_env=False))
+    try:
+        serve_deployments_forever(specs)
+    except OSError as exc:
+        raise InvalidInput(f"cannot serve the deployments: {exc.strerror or exc}") from None
+    return ExitCode.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -559,6 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             return _dry_run(args)
         job = _job(args, words)
+        if job.ray is not None:  # in the main thread, where Ctrl-C arrives
+            from corral.integrations.ray import run_ray_job
+
+            return int(run_ray_job(job).exit_code)
         result = anyio.run(run_job, job, backend=args.backend)
         return int(result.exit_code)
     except InvalidInput as exc:

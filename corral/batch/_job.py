@@ -10,6 +10,7 @@ arguments into a ``BatchJob``; the demo and scripts build one directly::
 Exit codes (``ExitCode``): 0 every line succeeded; 1 the output holds failures, or the run
 stopped for an outage or an output error (rerun to resume); 2 refused before sending, or
 stopped because every call would fail the same way (a bad key, an unknown model or URL);
+3 stopped at the spend cap (``--budget-usd``; rerun with a higher cap to resume);
 130 interrupted (rerun to resume).
 """
 
@@ -33,7 +34,6 @@ import attrs
 
 from corral._client import Client, default_middleware, resolve_api_key
 from corral.batch._batch_run import refuse_live_over_batches, run_via_batch_api
-from corral.batch._health import ProviderHealth
 from corral.batch._lock import RunLock
 from corral.batch._manifest import (
     RECORD_EVERY,
@@ -45,6 +45,14 @@ from corral.batch._manifest import (
 )
 from corral.batch._paths import check_input, check_output
 from corral.batch._progress import ProgressView, format_summary, summary_dict
+from corral.batch._routing import (
+    budget_outcome,
+    endpoint,
+    job_budget,
+    job_health,
+    routed_stack,
+    routing_checks,
+)
 from corral.batch._runner import BatchOptions, BatchReport, BatchRunner, Preflight, preflight
 from corral.batch._store import ScanResult, scan_output
 from corral.core._errors import InvalidInput
@@ -70,6 +78,8 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILED = 1
     REFUSED = 2
+    #: stopped at the spend cap (``--budget-usd``); the unsent lines stay resumable
+    BUDGET = 3
     INTERRUPTED = 130
 
 
@@ -137,6 +147,18 @@ class BatchJob:
     batch_poll_max: float = 60.0
     #: Rounds in all: the first, then resends of what expired, failed retryably or is missing.
     batch_rounds: int = 3
+    # Ray (issue 17): run on a Ray cluster ("local": a new local one) with this many actors.
+    ray: str | None = None
+    ray_actors: int = 2
+
+    # -- routing and the spend cap (issue 16) --
+    #: A TOML deployments file: route every call over its deployments.
+    deployments: Path | None = None
+    #: Stop admitting when the next call's worst case does not fit under this cap (USD).
+    budget_usd: float | None = None
+    #: Share the cap with other processes through this Redis, under ``budget_name``.
+    budget_redis: str | None = None
+    budget_name: str = "default"
 
     @property
     def options(self) -> BatchOptions:
@@ -170,7 +192,9 @@ class BatchJob:
             (self.transport in TRANSPORTS, f"--transport must be one of {', '.join(TRANSPORTS)}"),
             *_limit_checks(self),
             *_batch_api_checks(self),
+            (self.ray_actors >= 1, "--ray-actors must be at least 1"),
         ]
+        checks += routing_checks(self)
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(message)
@@ -280,7 +304,7 @@ def _middleware(job: BatchJob) -> list[Any]:
         retry_budget=job.retry_budget,
         max_pause=job.max_pause,
         cache=_cache(job),
-    truncate=Truncate() if job.truncate else None,
+        truncate=Truncate() if job.truncate else None,
     )
     limiter = _limiter(job)
     if limiter is not None:  # where default_middleware puts it: just outside ConcurrencyLimit
@@ -358,11 +382,15 @@ def _api_key(job: BatchJob) -> str:
 async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
     """Run ``job`` to completion (or to a stop); raise ``InvalidInput`` for refused input."""
     err = stderr or sys.stderr
+    if job.ray is not None:  # the Ray driver blocks: it runs in a worker thread
+        from corral.integrations.ray import run_ray_job
+
+        return await anyio.to_thread.run_sync(lambda: run_ray_job(job, stderr=err))
     job.validate()
     check_input(job.input)
     output = check_output(job.output, input=job.input)
     options = attrs.evolve(job.options, output=output)
-    api_key = _api_key(job)
+    api_key = _api_key(job) if job.deployments is None else ""
     with RunLock(output):
         pre = preflight(options)
         for bad in pre.bad:
@@ -376,11 +404,12 @@ async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
         counted: Counter[str] = Counter()
         trace = TraceFile(job.trace) if job.trace is not None else None
         sinks: list[EventSink] = [lambda event: counted.update((event.name,))]
+        budget = job_budget(job)
+        stack = routed_stack(job, budget) or _middleware(job) + ([budget] if budget else [])
         client = Client(
-            job.base_url,
-            api_key,
+            **endpoint(job, api_key, stack),
             transport=_transport(job.transport, job.timeout),
-            middleware=_middleware(job),
+            middleware=stack,
             events=fan_out(*sinks, *([trace] if trace else [])),
         )
         try:
@@ -402,7 +431,7 @@ async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
             if trace is not None:
                 trace.close()
             raise
-        runner = BatchRunner(client, options, health=ProviderHealth(max_outage=job.max_outage))
+        runner = BatchRunner(client, options, health=job_health(job, budget))
         started = time.monotonic()
         try:
             await _drive(
@@ -414,7 +443,8 @@ async def run_job(job: BatchJob, *, stderr: TextIO | None = None) -> JobResult:
         finally:
             if trace is not None:
                 trace.close()
-        return _finish(job, runner, client, counted, time.monotonic() - started, err)
+        result = _finish(job, runner, client, counted, time.monotonic() - started, err)
+        return await budget_outcome(result, budget, err)
 
 
 async def _drive(
