@@ -366,17 +366,24 @@ def settle_delta(
     if mode == "usage":
         return total - reserved
     over = max(0, total - reserved)
-    return over if guess is None else max(over, completion - guess)
+    if guess is None:
+        return over
+    output = completion - guess  # the provider counts the real output of such a call
+    return max(over, output) if over else output
 
 
 class RateLimitPolicy:
     """The buckets of one key (mutable state; the limits are the frozen ``config``).
 
     Pure: every method takes ``now``. ``sent``: what a previous run sent into the window
-    (``SendLog.recent``), so the buckets start with no more than the window has room for.
+    (``SendLog.recent``), so the buckets start with no more than the window has room for;
+    ``missed``: seconds after that record in which it may have sent more, unrecorded (at most
+    a burst and that many seconds of refill, counted as sent just now).
     """
 
-    def __init__(self, config: RateLimitConfig, now: float, sent: Sent = ()) -> None:
+    def __init__(
+        self, config: RateLimitConfig, now: float, sent: Sent = (), missed: float = 0.0
+    ) -> None:
         self.config = c = config
         w = c.window
         self.minute: dict[str, Bucket | None] = {
@@ -395,12 +402,14 @@ class RateLimitPolicy:
             start = self.minute[dimension]
             if start is not None:
                 start.level *= c.cold_start
-                if sent:
-                    history = [(age, float(entry[column])) for age, *entry in sent]
+                if sent or missed:
+                    history = [(one[0], float(one[column])) for one in sent]
+                    if missed:
+                        history.append((0.0, start.capacity + start.rate * missed))
                     start.level = min(start.level, room(start.allowance, start.rate, w, history))
         self.paused_until = -math.inf
         #: Whether a previous run's sends shaped the start (``sent``).
-        self.sent_before = bool(sent)
+        self.sent_before = bool(sent or missed)
         self.sent = SendLog(w)
         #: Dimensions whose first headers are still to come.
         self._cold = {"requests", "tokens"}
@@ -582,7 +591,6 @@ def usage_delta(mode: Settle, held: Reservation, usage: Usage, outputs: OutputEs
 
 @attrs.define(eq=False)
 class _Waiter:
-    cost: Cost
     wake: anyio.Event = attrs.field(factory=anyio.Event)
 
 
@@ -595,32 +603,38 @@ class _KeyQueue:
         if self.queue:
             self.queue[0].wake.set()
 
-    async def acquire(self, cost: Cost) -> float:
-        """Wait for and take ``cost``; returns the seconds spent waiting."""
+    def _admit(self, now: float, price: Callable[[], Reservation]) -> tuple[Admission, Reservation]:
+        held = price()
+        return self.policy.admit(now, Cost(1, held.tokens)), held
+
+    async def acquire(self, price: Callable[[], Reservation]) -> tuple[float, Reservation]:
+        """Wait for and take the call's reservation; returns the seconds spent waiting and the
+        reservation taken. ``price`` is asked at each try: an estimated output learnt while
+        the call waited lowers what it reserves."""
         start = current_time()
         if not self.queue:
-            match self.policy.admit(start, cost):
-                case Proceed():
-                    return 0.0
-                case Reject(reason=reason):
+            match self._admit(start, price):
+                case Proceed(), held:
+                    return 0.0, held
+                case Reject(reason=reason), _:
                     raise RequestTooLarge(reason)
-                case Delay():
+                case Delay(), _:
                     pass  # queue up
                 case other:
                     never(other)
-        me = _Waiter(cost)
+        me = _Waiter()
         self.queue.append(me)
         try:
             while True:
                 if self.queue[0] is me:
                     now = current_time()
-                    match self.policy.admit(now, cost):
-                        case Proceed():
-                            return now - start
-                        case Delay(until=until):
+                    match self._admit(now, price):
+                        case Proceed(), held:
+                            return now - start, held
+                        case Delay(until=until), _:
                             with anyio.CancelScope(deadline=until):
                                 await me.wake.wait()
-                        case Reject(reason=reason):
+                        case Reject(reason=reason), _:
                             raise RequestTooLarge(reason)
                         case other:
                             never(other)
@@ -690,6 +704,7 @@ class RateLimit:
         self._queues: dict[str, _KeyQueue] = {}
         self._history: dict[str, Sent] = {}
         self._history_at = 0.0
+        self._missed = 0.0
         #: Total seconds calls spent waiting for quota (read by the batch summary).
         self.waited = 0.0
 
@@ -703,11 +718,13 @@ class RateLimit:
         now = current_time()
         return {key: queue.policy.recent(now) for key, queue in self._queues.items()}
 
-    def resume(self, history: Mapping[str, Sent]) -> None:
-        """What a previous run sent (``recent`` of its limiter, its ages counted from now):
-        keys created from now on start with no more than their window has room for."""
+    def resume(self, history: Mapping[str, Sent], missed: float = 0.0) -> None:
+        """What a previous run sent (``recent`` of its limiter, its ages counted from now), and
+        for how many seconds after that record it may have sent more: keys created from now
+        on start with no more than their window has room for."""
         self._history = dict(history)
         self._history_at = current_time()
+        self._missed = missed
 
     def _queue(self, key: str) -> _KeyQueue:
         queue = self._queues.get(key)
@@ -715,7 +732,9 @@ class RateLimit:
             now = current_time()
             late = now - self._history_at
             sent = tuple((age + late, r, t) for age, r, t in self._history.pop(key, ()))
-            queue = self._queues[key] = _KeyQueue(RateLimitPolicy(self.config, now, sent))
+            missed = self._missed if sent else 0.0
+            policy = RateLimitPolicy(self.config, now, sent, missed)
+            queue = self._queues[key] = _KeyQueue(policy)
         return queue
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
@@ -735,8 +754,8 @@ class RateLimit:
                 tokens=None if minute["tokens"] is None else minute["tokens"].level,
                 resumed=bool(queue.policy.sent_before),
             )
-        held = reservation(request, self._counter, self._outputs)
-        waited = await queue.acquire(Cost(1, held.tokens))
+        price = functools.partial(reservation, request, self._counter, self._outputs)
+        waited, held = await queue.acquire(price)
         if waited > 0:
             self.waited += waited
             call.emit(RateLimitWaited, current_time(), key=key, waited=waited, tokens=held.tokens)
