@@ -291,3 +291,39 @@ def test_corral_run_ray_refuses_local_only_flags(tmp_path: Path) -> None:
     assert main([*argv, "--cache", str(tmp_path / "c.db")]) == 2
     assert main([*argv, "--backend", "trio"]) == 2
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_two_actors_share_one_budget_through_redis(redis_url: str) -> None:
+    """One spend cap in Redis for both actors: what they spent together stays within it, the
+    calls past it come back as ``budget_exceeded`` rows (scope ``budget``) and were not sent."""
+    from corral.middleware._metrics import DEFAULT_PRICES
+
+    price, cap = DEFAULT_PRICES["gpt-4o-mini"], 0.0002
+    items = [
+        {"custom_id": f"b{i}", "body": json.dumps(body(i, model="gpt-4o-mini", max_tokens=16))}
+        for i in range(80)
+    ]
+    with serve_in_thread() as emu:
+        config = ActorConfig(
+            base_url=emu.base_url,
+            budget_usd=cap,
+            budget_redis=redis_url,
+            budget_name="test-ray-budget",
+        )
+        ds = ray_data.from_items(items, override_num_blocks=4)
+        out = map_requests(ds, config, actors=2, batch_size=20).take_all()
+        received = emu.counts["received"]
+    ok = [row for row in out if row["error_kind"] is None]
+    refused = [row for row in out if row["error_kind"] == "budget_exceeded"]
+    assert len(ok) + len(refused) == 80 and ok and refused
+    assert {row["error_scope"] for row in refused} == {"budget"}
+    assert received == len(ok)  # a refused call was never sent
+    spent = sum(
+        r["prompt_tokens"] * price.input + r["completion_tokens"] * price.output for r in ok
+    )
+    assert spent / 1e6 <= cap
+
+
+def test_a_budget_over_several_actors_needs_redis() -> None:
+    with pytest.raises(InvalidInput, match="budget_redis"):
+        ActorConfig(budget_usd=1.0, actors=2)

@@ -16,7 +16,8 @@ died costs nothing the second time.
 
 A row never fails its batch: each output row carries the answer's text and usage, or an error
 kind, message and scope (``line``: this row's own fault; ``fatal``: every row would fail the
-same way, e.g. a bad key; ``outage``: the provider was failing, a rerun may succeed).
+same way, e.g. a bad key; ``outage``: the provider was failing, a rerun may succeed;
+``budget``: the spend cap, shared through Redis like the quota, refused it and it was not sent).
 
 Exactly once across reruns: rows are keyed by ``custom_id``; ``skip_done`` drops the ids already
 in the written output (Parquet or JSONL written by Ray's writers) before the next run.
@@ -145,9 +146,21 @@ class ActorConfig:
     actors: int = attrs.field(default=1, validator=at_least(1))
     #: Add a ``record`` column: the Batch API output line (what ``corral run`` writes).
     record: bool = False
+    #: A spend cap in USD for all actors together, held in ``budget_redis`` under
+    #: ``budget_name`` (``Budget``); a call past it fails with ``budget_exceeded``, unsent.
+    budget_usd: float | None = attrs.field(default=None, validator=optional(finite()))
+    budget_redis: str | None = None
+    budget_name: str = "default"
     #: Called in each actor for more middleware, placed after the cache (so a hit is free) and
-    #: before the retries: the place for a budget shared through Redis. Must be picklable.
+    #: before the retries. Must be picklable.
     extra_middleware: Callable[[], Sequence[Middleware]] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.budget_usd is not None and self.budget_redis is None and self.actors > 1:
+            raise InvalidInput(
+                "ActorConfig.budget_usd over several actors needs budget_redis: a cap per actor "
+                "would multiply it"
+            )
 
     def middleware(self) -> list[Middleware]:
         """This actor's stack, outermost first (the default stack with shared limits)."""
@@ -179,6 +192,10 @@ class ActorConfig:
                 processes=self.actors,
             )
             stack.insert(len(stack) - 1, shared)  # outside ConcurrencyLimit, as corral run
+        if self.budget_usd is not None:  # innermost, as corral run: held just before sending
+            from corral.middleware._budget import Budget
+
+            stack.append(Budget(self.budget_usd, redis=self.budget_redis, name=self.budget_name))
         return stack
 
     def _cache(self) -> Cache | None:
@@ -268,13 +285,13 @@ class CorralActor:
                 response = await response.aread()
             line, error, _ = result_record(client, custom_id, request, response)
         except CorralError as exc:
-            scope = classify_failure(exc)
+            scope = _scope(exc)
             return _failed(custom_id, exc.kind, client.scrub(str(exc)), scope, config.record)
         except Exception as exc:  # a bug must not fail the batch: record it, log it
             log.exception("internal error on %s", custom_id)
             return _failed(custom_id, "internal_error", repr(exc), "line", config.record)
         if error is not None:
-            result = _failed(custom_id, error.kind, error.message, classify_failure(error), False)
+            result = _failed(custom_id, error.kind, error.message, _scope(error), False)
         else:
             result = _success(response)
         if config.record:
@@ -295,6 +312,14 @@ class CorralActor:
         if config.model:
             body["model"] = config.model
         return body
+
+
+def _scope(exc: CorralError) -> str:
+    """Whom a failure is about: ``line``, ``fatal`` or ``outage`` (``corral.batch._health``),
+    or ``budget`` (the spend cap refused it; it was not sent)."""
+    from corral.middleware._budget import BudgetError
+
+    return "budget" if isinstance(exc, BudgetError) else classify_failure(exc)
 
 
 def _result_types(record: bool) -> list[tuple[str, str]]:
@@ -493,6 +518,8 @@ def _refuse_local_only(job: BatchJob) -> None:
         raise InvalidInput("--cache is a file on one machine; with --ray share one with --redis")
     if job.trace is not None:
         raise InvalidInput("--trace writes one file from one process; it does not work with --ray")
+    if job.deployments is not None:
+        raise InvalidInput("--deployments does not run on --ray yet; give one --base-url")
 
 
 def _pending(job: BatchJob, report: BatchReport, writer: OutputWriter) -> Iterator[dict[str, Any]]:
@@ -557,6 +584,9 @@ def _dataset(job: BatchJob, base_url: str, rows: list[dict[str, Any]]) -> ray.da
         timeout=job.timeout,
         max_pause=job.max_pause,
         transport=job.transport,
+        budget_usd=job.budget_usd,
+        budget_redis=job.budget_redis,
+        budget_name=job.budget_name,
         record=True,
     )
     batch_size = max(1, min(job.concurrency * 4, math.ceil(len(rows) / (4 * job.ray_actors))))
@@ -620,6 +650,9 @@ class _Collector:
             self._write(record, kind)
         elif scope == "outage":
             self.outages[kind] += 1
+        elif scope == "budget":
+            self.outages[kind] += 1
+            return StopRun(f"the spend cap refused a call ({row['error_message']})", fatal=False)
         else:
             self.held.append((record, kind))
             self.fatal_streak += 1
