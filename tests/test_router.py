@@ -38,6 +38,7 @@ from corral.core._models import Request, Response
 from corral.core._wire import api_request
 from corral.middleware._budget import Budget
 from corral.middleware._cache import Cache
+from corral.middleware._deadline import Deadline
 from corral.middleware._metrics import Price
 from corral.middleware._prices import PriceTable
 from corral.middleware._retry import RetryBudget
@@ -487,3 +488,19 @@ async def test_the_budget_prices_each_attempt_at_its_deployments_prices(keys: No
     await handler(chat())
     assert budget.last.spent - at_a == round(15 * 10.0 * 1000)
     assert budget.last.reserved == 0
+
+
+async def test_the_deadline_spans_deployments_no_wait_past_it(keys: None) -> None:
+    """Every deployment cooling down for a minute: a call with a half-second deadline gives
+    up at once instead of waiting for one to come back."""
+    provider = Provider()
+    provider.down |= {"a", "b"}
+    router = Router(deployments(), allowed_fails=0, cooldown=60.0, max_attempts=2)
+    handler = build_stack([router], MemoryTransport(provider))
+    with pytest.raises(ConnectError):
+        await handler(chat())  # a fails over to b; both now cool down
+    seen = len(provider.seen)
+    with anyio.fail_after(5):
+        with pytest.raises(NoDeployment, match="before its deadline"):
+            await build_stack([Deadline(0.5), router], MemoryTransport(provider))(chat())
+    assert len(provider.seen) == seen

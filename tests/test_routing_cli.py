@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,14 @@ async def test_the_cap_stops_the_run_unsent_lines_stay_resumable(
         concurrency=4,
         progress=False,
         handle_signals=False,
+        trace=tmp_path / "trace.jsonl",
     )
     err = io.StringIO()
     result = await run_job(job, stderr=err)
     assert result.exit_code == ExitCode.BUDGET == 3
+    events = Counter(json.loads(line)["event"] for line in (tmp_path / "trace.jsonl").open())
+    assert events["budget.reserved"] == events["budget.settled"] >= 5
+    assert events["budget.refused"] >= 1
     written = [json.loads(line) for line in output.open()]
     assert 5 <= len(written) < 50 and all(r["error"] is None for r in written)
     assert len(written) == emulator.counts["ok"]  # nothing written for a line not sent

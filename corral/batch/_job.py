@@ -72,8 +72,8 @@ log = logging.getLogger("corral.batch")
 
 class ExitCode(enum.IntEnum):
     """The process exit status of ``corral run`` (docs/batch.md): 0 every line succeeded, 1
-    failures or a stop to resume from, 2 refused before or instead of sending, 130
-    interrupted."""
+    failures or a stop to resume from, 2 refused before or instead of sending, 3 stopped at
+    the spend cap, 130 interrupted."""
 
     OK = 0
     FAILED = 1
