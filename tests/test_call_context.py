@@ -156,7 +156,7 @@ async def test_the_call_knows_its_stream_s_usage_when_it_arrives() -> None:
     assert response.stream is not None
     async for _ in response.stream:
         pass
-    assert call.usage == (7, 3, 10) and call.stream.complete
+    assert call.usage == wire_module.Usage(7, 3, 10) and call.stream.complete
 
 
 @pytest.mark.parametrize(
