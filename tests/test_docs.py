@@ -83,12 +83,13 @@ def test_every_code_block_runs(
     if lang == "python":
         argv = [sys.executable, "-c", code]
     else:
-        code = re.sub(
-            r"^corral serve (.*)$",
-            r"timeout -s INT 2 corral serve \1 --port 0 || [ $? = 124 ]",
-            code,
-            flags=re.M,
+        # `corral serve` runs until stopped: start it, wait until it listens, stop it.
+        serve = (
+            r"{ corral serve \1 --port 0 > serve.log 2>&1 & pid=$!; "
+            r"for _ in $(seq 300); do grep -q listening serve.log && break; sleep 0.1; done; "
+            r"kill $pid; grep -q listening serve.log; }"
         )
+        code = re.sub(r"^corral serve (.*)$", serve, code, flags=re.M)
         argv = ["bash", "-euo", "pipefail", "-c", code]
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=120)
     output = (done.stdout + done.stderr).decode(errors="replace")
