@@ -82,7 +82,7 @@ def test_the_sdk_runs_a_batch_from_upload_to_results(batch_emulator: RunningEmul
         metadata={"run": "t1"},
     )
     assert batch.status == "validating" and batch.metadata == {"run": "t1"}
-    seen = {batch.status}
+    seen: set[str] = {batch.status}
     for _ in range(200):
         now = client.batches.retrieve(batch.id)
         seen.add(now.status)

@@ -138,7 +138,9 @@ def test_template_rows_and_a_cache_shared_through_redis(redis_url: str) -> None:
     import pyarrow as pa
 
     template = Template("Sentiment of: {review}", model="m", params={"max_tokens": 8})
-    items = [{"custom_id": f"t{i}", "review": f"great case {i}"} for i in range(20)]
+    items: list[dict[str, str | None]] = [
+        {"custom_id": f"t{i}", "review": f"great case {i}"} for i in range(20)
+    ]
     items.append({"custom_id": "t-missing", "review": None})
     with serve_in_thread() as emu:
         config = ActorConfig(
