@@ -114,7 +114,7 @@ def test_no_credit_builds_up_while_paused() -> None:
     policy = RateLimitPolicy(config, 0.0)
     bucket = policy.tokens[0]
     policy.pause(0.0, 20.0)
-    assert policy.admit(19.0, Cost(1, 1)) == Delay(20.0 + 1 / bucket.rate)
+    assert policy.admit(19.0, Cost(1, 1)) == Delay(pytest.approx(20.0 + 1 / bucket.rate))
     # At the end of the pause the bucket is empty: the steady rate, not a 3000-token burst.
     taken, now = 0, 20.0
     while now < 25.0:

@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import attrs
 
-from corral.middleware._ratelimit import PROCEED, Delay, Proceed
+from corral.middleware._buckets import PROCEED, Delay, Proceed
 
 __all__ = [
     "PAUSE",

@@ -41,25 +41,22 @@ from corral.core._events import RateLimitPaused, RateLimitWaited
 from corral.core._models import Request, Response
 from corral.core._tokens import EstimatingCounter
 from corral.core._wire import response_usage
-from corral.middleware._checks import at_least, finite, never, optional
-from corral.middleware._gcra import PAUSE, RESERVE, SETTLE, Cell, GcraPolicy, ScriptArgs, decode
-from corral.middleware._outputs import OutputEstimate
-from corral.middleware._ratelimit import (
+from corral.middleware._buckets import (
     Delay,
     NoPause,
     Pause,
     PausePolicy,
     Proceed,
-    RateLimit,
     Settle,
     allowance,
     bucket_shape,
     default_burst,
-    log_capped,
     one_of,
-    reservation,
-    usage_delta,
 )
+from corral.middleware._checks import at_least, finite, never, optional
+from corral.middleware._gcra import PAUSE, RESERVE, SETTLE, Cell, GcraPolicy, ScriptArgs, decode
+from corral.middleware._outputs import OutputEstimate
+from corral.middleware._ratelimit import RateLimit, log_capped, reservation, usage_delta
 from corral.stores.redis import DEFAULT_TIMEOUT, redis_client, run_blocking
 
 __all__ = ["RateLimitUnavailable", "SharedRateLimit", "SharedRateLimitConfig"]
