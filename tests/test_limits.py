@@ -443,3 +443,49 @@ def test_after_a_pause_the_steady_rate_not_a_burst(run: dict[str, object]) -> No
         for until, *_ in after:
             taken = sum(c[2] for c in after if c[0] <= until)
             assert taken <= bucket.rate * (until - end) + 1e-6
+
+
+# -- the shared limiter: the same settle modes, window and pause, in Redis -----------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("mode", "refunded"), [("reserved", False), ("usage", True)])
+async def test_the_shared_limiter_settles_as_told(
+    redis_url: str, mode: str, refunded: bool
+) -> None:
+    import uuid
+
+    import redis
+
+    from corral.middleware._shared_ratelimit import SharedRateLimit
+
+    name = uuid.uuid4().hex
+    limiter = SharedRateLimit(redis_url, name=name, tpm=60_000, window=10, settle=mode)  # type: ignore[arg-type]
+    assert limiter.config.gcra().tokens.interval == pytest.approx(1 / ((10_000 - 4_096) / 10))
+    stack = build_stack([limiter], MemoryTransport(lambda _: answer(5)))
+    client = redis.Redis.from_url(redis_url)
+    request = chat(max_tokens=2_000)
+    try:
+        seconds, micros = client.time()
+        await stack(request)
+        tat = float(client.get(f"corral:rl:{name}:tokens") or 0) - (seconds + micros / 1e6)
+    finally:
+        await limiter.aclose()
+        client.close()
+    held, step = request.options.call.tokens, limiter.config.gcra().tokens.interval
+    assert held is not None and held > 2_000
+    # The token cell's arrival time is ahead by the reservation (3.4 s of refill), or by the
+    # 10 tokens used (17 ms) plus the call's own time.
+    if refunded:
+        assert tat < 1.0
+    else:
+        assert tat >= held * step * 0.999
+
+
+def test_the_shared_cells_restart_empty_after_a_pause() -> None:
+    from corral.middleware._gcra import Cell, GcraPolicy, GcraState
+
+    policy = GcraPolicy(Cell(0.1, 5.0), Cell(0.001, 1_000.0), max_pause=60.0)
+    state = policy.pause(GcraState(), 100.0, 10.0)  # credit for a full burst before the pause
+    _, first = policy.reserve(state, 110.0, 50)
+    assert first == Delay(pytest.approx(110.1))  # one request's interval after the pause's end
