@@ -57,7 +57,7 @@ async def run(
     start = anyio.current_time()
     async with anyio.create_task_group() as tg:
         for request in requests:
-            tg.start_soon(stack, request)
+            tg.start_soon(stack, request)  # type: ignore[arg-type]
     assert provider.counts["ok"] == len(requests)
     return provider.counts.get("rate_limited", 0), anyio.current_time() - start
 
@@ -113,7 +113,7 @@ async def test_row_2_a_ten_second_window_and_429_pauses() -> None:
 async def test_row_4_no_max_tokens_runs_as_fast_as_max_tokens_16() -> None:
     """Without max_tokens the reservation follows what the model returns (~10 tokens), not a
     fixed 1024: the run is no slower than the same file with max_tokens 16."""
-    limits = {"tpm": 30_000, "window": 10.0}
+    limits: dict[str, Any] = {"tpm": 30_000, "window": 10.0}
     bare, t_bare = await run(
         strict(**limits), RateLimit(**limits), [line(i, None) for i in range(800)]
     )
@@ -129,7 +129,7 @@ async def test_row_4_no_max_tokens_runs_as_fast_as_max_tokens_16() -> None:
 
 
 async def test_both_limits_bind_without_429s() -> None:
-    limits = {"tpm": 30_000, "rpm": 600, "window": 10.0}
+    limits: dict[str, Any] = {"tpm": 30_000, "rpm": 600, "window": 10.0}
     got, took = await run(strict(**limits), RateLimit(**limits), [line(i, 16) for i in range(600)])
     assert got == 0
     assert took >= 600 / 10 * 0.9  # paced by the 600 RPM, not sent at once
