@@ -53,6 +53,7 @@ from corral.batch._batch_wire import RemoteBatch
 from corral.batch._health import StopRun
 from corral.batch._items import BadLine, IdSet, read_items
 from corral.batch._manifest import Manifest, check_manifest, manifest_path, record_manifest
+from corral.batch._progress import output_file_row, render_rows
 from corral.batch._runner import BatchOptions, BatchReport, Preflight, _error, _item_id, _line
 from corral.batch._store import OutputError, OutputWriter, scan_output
 from corral.core._errors import CorralError, InvalidInput
@@ -550,15 +551,9 @@ _DONE = ("completed", "failed", "expired", "cancelled")
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    held, run, api = summary["output_file"], summary["this_run"], summary["batch_api"]
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(held["failed_by_kind"].items()))
+    run, api = summary["this_run"], summary["batch_api"]
     rows = [
-        (
-            "output file",
-            f"{held['succeeded']} succeeded, {held['failed']} failed"
-            + (f" ({kinds})" if kinds else "")
-            + (f", {held['not_yet_written']} not yet written" if held["not_yet_written"] else ""),
-        ),
+        output_file_row(summary["output_file"]),
         (
             "this run",
             f"{run['sent']} sent by batch, {run['succeeded']} succeeded, {run['failed']} failed"
@@ -575,7 +570,4 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         ("elapsed", f"{summary['elapsed_s']} s"),
         ("tokens in/out", f"{summary['tokens']['input']} / {summary['tokens']['output']}"),
     ]
-    if summary["stopped"]:
-        rows.append(("stopped", summary["stopped"]))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+    return render_rows(rows, summary["stopped"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from corral.batch._runner import BatchReport, BatchRunner
@@ -83,15 +84,9 @@ def _ms(values: dict[str, float]) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table (used when rich is absent, and in logs)."""
-    held, run = summary["output_file"], summary["this_run"]
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(held["failed_by_kind"].items()))
+    run = summary["this_run"]
     rows = [
-        (
-            "output file",
-            f"{held['succeeded']} succeeded, {held['failed']} failed"
-            + (f" ({kinds})" if kinds else "")
-            + (f", {held['not_yet_written']} not yet written" if held["not_yet_written"] else ""),
-        ),
+        output_file_row(summary["output_file"]),
         (
             "this run",
             f"{run['sent']} sent, {run['succeeded']} succeeded, {run['failed']} failed"
@@ -116,8 +111,24 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("cost", f"${summary['cost_usd']:.4f}"),
         ("cache hit rate", f"{summary['cache_hit_rate']:.1%}"),
     ]
-    if summary["stopped"]:
-        rows.append(("stopped", summary["stopped"]))
+    return render_rows(rows, summary["stopped"])
+
+
+def output_file_row(held: Mapping[str, Any]) -> tuple[str, str]:
+    """What the output file holds, as the summary's first row (live and Batch API runs)."""
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(held["failed_by_kind"].items()))
+    return (
+        "output file",
+        f"{held['succeeded']} succeeded, {held['failed']} failed"
+        + (f" ({kinds})" if kinds else "")
+        + (f", {held['not_yet_written']} not yet written" if held["not_yet_written"] else ""),
+    )
+
+
+def render_rows(rows: list[tuple[str, str]], stopped: str | None) -> str:
+    """Rows as an aligned two-column table, with why the run stopped last."""
+    if stopped:
+        rows = [*rows, ("stopped", stopped)]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
