@@ -72,7 +72,7 @@ def test_two_actors_share_one_quota_through_redis_every_id_once(
     same limits over a 2-second window and injecting faults: every id comes back exactly once,
     at most 0.1% 429s from the quota; read tasks run beside the actors (fractional CPUs), so
     the pipeline never hangs."""
-    rows = 1000
+    rows = 2000  # 0.1% of it is 2 429s: a bound one jittered window edge cannot break
     write_rows(tmp_path / "in.jsonl", rows)
     limits = EmulatorConfig(
         rpm=6_000,
