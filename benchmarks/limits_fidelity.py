@@ -55,9 +55,13 @@ SCENARIOS = {
     "ten": Scenario("per-minute limits enforced over 10 s windows", 10, 180_000),
     "restart": Scenario("SIGKILL at 40% and restart, 10 s windows", 10, 120_000, kill_at=0.4),
     "nomax": Scenario(
-        "bodies without max_tokens (rate vs max_tokens 16)", 10, 180_000, None, compare=16
+        "bodies without max_tokens (rate vs max_tokens 16)",
+        10,
+        180_000,
+        max_tokens=None,
+        compare=16,
     ),
-    "both": Scenario("RPM and TPM both bind, 10 s windows", 10, 87_000, 3_000, 16),
+    "both": Scenario("RPM and TPM both bind, 10 s windows", 10, 87_000, rpm=3_000, max_tokens=16),
 }
 
 AIOLIMITER = """
