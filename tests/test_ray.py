@@ -248,7 +248,8 @@ def test_corral_run_ray_end_to_end_and_resume(
     with serve_in_thread(EmulatorConfig(rpm=9_000, window=2.0, seed=3)) as emu:
         argv = [
             "run", str(src), "-o", str(dst), "--ray", "--ray-actors", "2", "--no-progress",
-            "--base-url", emu.base_url, "--rpm", "9000", "--quota-redis", redis_url,
+            "--base-url", emu.base_url, "--rpm", "9000", "--window", "2",
+            "--quota-redis", redis_url,
             "--quota-name", "test-ray-cli", "--allow-failures",
         ]  # fmt: skip
         assert main(argv) == 0

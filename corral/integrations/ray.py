@@ -575,6 +575,7 @@ def _dataset(job: BatchJob, base_url: str, rows: list[dict[str, Any]]) -> ray.da
         concurrency=job.concurrency,
         rpm=job.rpm,
         tpm=job.tpm,
+        window=job.window,
         quota_redis=job.quota_redis,
         quota_name=job.quota_name,
         cache_redis=job.redis,
