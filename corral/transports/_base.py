@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import ssl
+from collections.abc import AsyncGenerator
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -215,3 +216,11 @@ def connect_failure(text: str, exc: BaseException, *, tls: bool) -> errors.Conne
     if tls and any(isinstance(c, _CUT_OFF) for c in chain):  # maybe, maybe a passing reset
         return errors.ConnectError(text + hint)
     return errors.ConnectError(text)
+
+
+async def drain(pieces: AsyncGenerator[bytes, None]) -> bytes:
+    """Join a body's pieces, closing the generator however the reading ends."""
+    try:
+        return b"".join([chunk async for chunk in pieces])
+    finally:
+        await pieces.aclose()

@@ -31,6 +31,7 @@ from corral.transports._base import (
     PhaseWatch,
     check_head,
     connect_failure,
+    drain,
     scrub,
 )
 
@@ -227,11 +228,8 @@ class _Body:
         return self._iterate()
 
     async def read_all(self) -> bytes:
-        pieces = self._iterate()
-        try:
-            return b"".join([chunk async for chunk in pieces])
-        finally:
-            await pieces.aclose()
+        """The whole body, within the size cap."""
+        return await drain(self._iterate())
 
     async def _iterate(self) -> AsyncGenerator[bytes, None]:
         connection = _h11_connection(self._reply)
