@@ -2,8 +2,11 @@
 machine does not blur (run under ``valgrind --tool=callgrind``; divide by the calls).
 
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out \
-        python benchmarks/stack_instructions.py 2000
+        python benchmarks/stack_instructions.py 2000 [STACK]
     callgrind_annotate /tmp/cg.out | grep TOTALS    # subtract a run with 0 calls
+
+STACK: ``ratelimit`` (the default stack with ``rpm``/``tpm``, the default here), ``default``
+(``default_middleware()``: no rate limit) or ``bare`` (no middleware: the transport alone).
 
 Works on any corral that exports ``Client``, ``default_middleware`` and ``MemoryTransport``, so
 two trees can be compared call for call.
@@ -35,8 +38,15 @@ def answer(request: object) -> Response:
     return Response(200, [("content-type", "application/json")], BODY)
 
 
-async def main(calls: int) -> None:
-    stack = default_middleware(rpm=10**9, tpm=10**12, concurrency=64)
+STACKS = {
+    "ratelimit": lambda: default_middleware(rpm=10**9, tpm=10**12, concurrency=64),
+    "default": default_middleware,
+    "bare": list,
+}
+
+
+async def main(calls: int, stack_name: str) -> None:
+    stack = STACKS[stack_name]()
     async with Client(
         "http://emulated/v1",
         "sk-bench-key-1234567",
@@ -49,4 +59,5 @@ async def main(calls: int) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 2000)
+    calls = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    anyio.run(main, calls, sys.argv[2] if len(sys.argv) > 2 else "ratelimit")
