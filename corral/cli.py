@@ -167,6 +167,12 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="tokens sent at once (default: 2%% of a window)",
     )
+    g.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="keep corral's own prompt estimate (by default token reservations are scaled "
+        "to the provider's count, learnt from its x-ratelimit-remaining-tokens)",
+    )
 
 
 def _add_ray_flags(p: argparse.ArgumentParser) -> None:
@@ -435,6 +441,7 @@ def _job(args: argparse.Namespace, argv: Sequence[str]) -> BatchJob:
         settle=args.settle,
         burst_requests=args.burst_requests,
         burst_tokens=args.burst_tokens,
+        calibrate=not args.no_calibrate,
         trace=args.trace,
         **_routing_fields(args),
         via=args.via,

@@ -145,19 +145,22 @@ def test_cli_flags_reach_the_limiter(tmp_path: Path) -> None:
         "3",
         "--burst-tokens",
         "500",
+        "--no-calibrate",
     ]
     job = cli._job(cli._parser().parse_args(argv), argv)
     limiter = _limiter(job)
     assert isinstance(limiter, RateLimit)
     config = limiter.config
-    assert (config.window, config.settle, config.burst_requests, config.burst_tokens) == (
-        10.0,
-        "usage",
-        3.0,
-        500.0,
-    )
+    assert (
+        config.window,
+        config.settle,
+        config.burst_requests,
+        config.burst_tokens,
+        config.calibrate,
+    ) == (10.0, "usage", 3.0, 500.0, False)
     defaults = cli._job(cli._parser().parse_args(argv[:6]), argv[:6])
     assert (defaults.window, defaults.settle, defaults.burst_tokens) == (60.0, "reserved", None)
+    assert defaults.calibrate
 
 
 def test_serve_window_flag_reaches_the_emulator(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -135,6 +135,38 @@ async def test_both_limits_bind_without_429s() -> None:
     assert took >= 600 / 10 * 0.9  # paced by the 600 RPM, not sent at once
 
 
+def utilisation(provider: SimulatedProvider, tpm: int) -> float:
+    """Tokens the provider admitted between its first and last admission over what ``tpm``
+    allows in that time."""
+    stats = provider.emulator.quota.stats()
+    return stats["admitted_tokens"] / (tpm / 60 * stats["admitted_span_ms"] / 1000)
+
+
+@pytest.mark.parametrize("max_tokens", [32, None])
+async def test_calibrated_to_the_providers_count_the_limit_is_used(
+    max_tokens: int | None,
+) -> None:
+    """The provider counts these prompts as 12 tokens where corral's estimate says 19; its
+    remaining-tokens teach the limiter the ratio: >= 97% of TPM used, no 429 (>= 95% without
+    ``max_tokens``: before the first answer a call reserves the conservative 1,024 output
+    tokens, which grows the burst and slows the first window). Without the headers (or
+    ``calibrate=False``) the over-estimate stays and costs about a sixth."""
+    limits: dict[str, Any] = {"tpm": 60_000, "window": 10.0}
+    calls = [line(i, max_tokens) for i in range(3_000)]
+    provider, limiter = strict(**limits), RateLimit(**limits)
+    got, _ = await run(provider, limiter, calls)
+    assert got == 0
+    assert utilisation(provider, limits["tpm"]) >= (0.97 if max_tokens else 0.95)
+    calibration = limiter.policy("m").calibration
+    assert calibration is not None
+    if max_tokens:  # the provider charges 12 + 32 where corral reserves 19 + 32
+        assert 44 / 51 <= calibration.factor <= 44 / 51 * 1.01
+    blind = strict(**limits)
+    got, _ = await run(blind, RateLimit(calibrate=False, **limits), calls)
+    assert got == 0
+    assert utilisation(blind, limits["tpm"]) < 0.9
+
+
 # -- row 3: a real corral run, killed and resumed ---------------------------------------------
 
 

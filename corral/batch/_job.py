@@ -135,6 +135,8 @@ class BatchJob:
     #: What may be sent at once (None: 2% of what one window admits).
     burst_requests: float | None = None
     burst_tokens: float | None = None
+    #: Scale token reservations to the provider's count, learnt from its remaining-tokens.
+    calibrate: bool = True
     # Batch API back-end (issue 18): the same file through the provider's Batch API.
     via: str = "live"
     #: Cancel this output's batches at the provider, merge what they finished (batch-api).
@@ -330,7 +332,7 @@ def _limiter(job: BatchJob) -> Any:
             from corral.middleware._shared_ratelimit import SharedRateLimit
 
             return SharedRateLimit(job.quota_redis, name=job.quota_name, **limits)
-    return RateLimit(**limits)
+    return RateLimit(**limits, calibrate=job.calibrate)
 
 
 def _local_limiter(client: Client) -> RateLimit | None:

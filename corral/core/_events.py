@@ -120,13 +120,15 @@ class RateLimitColdStart(Event):
 class RateLimitLearned(Event):
     """A response's ``x-ratelimit-*`` headers changed ``key``'s ``dimension``: a per-minute
     ``limit`` below the configured one (None: unchanged), or at cold start a fuller window
-    than assumed; ``level``: what the bucket holds after."""
+    than assumed, or (``scale``) how many of the provider's tokens one token of corral's
+    estimate is, as its remaining-tokens showed; ``level``: what the bucket holds after."""
 
     name: ClassVar[str] = "ratelimit.learned"
     key: str
     dimension: str
     limit: float | None
     level: float
+    scale: float | None = None
 
 
 @attrs.frozen(kw_only=True)

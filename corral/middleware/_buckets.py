@@ -35,6 +35,7 @@ import attrs
 
 from corral.core._classify import RateLimitHeaders
 from corral.core._errors import CorralError, InvalidInput, RateLimitError
+from corral.middleware._calibration import Calibration, WindowSum
 from corral.middleware._checks import at_least, between, finite, optional
 from corral.middleware._sendlog import SendLog, Sent, room
 
@@ -75,7 +76,7 @@ Settle = Literal["reserved", "usage"]
 @attrs.frozen
 class Cost:
     requests: int = 1
-    tokens: int = 0
+    tokens: float = 0
 
 
 # -- decisions ----------------------------------------------------------------------------------
@@ -131,6 +132,8 @@ class Learned:
     dimension: str
     limit: float | None
     level: float
+    #: The provider's tokens per token of ours, when that is what changed (``Calibration``).
+    scale: float | None = None
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -195,6 +198,8 @@ class RateLimitConfig:
         default=0.1, validator=between(0.0, 1.0, open_low=False, open_high=False)
     )
     pause: PausePolicy = attrs.field(factory=PausePolicy)
+    #: Scale token reservations to the provider's count, learnt from its remaining-tokens.
+    calibrate: bool = True
 
 
 def allowance(name: str, limit: float, window: float) -> float:
@@ -377,18 +382,26 @@ class RateLimitPolicy:
         self.sent = SendLog(w)
         #: Dimensions whose first headers are still to come.
         self._cold = {"requests", "tokens"}
+        #: What we charged in the last window, in our own estimate's tokens, and what the
+        #: provider counts per such token (None: not calibrated).
+        self.ours = WindowSum(w)
+        self.calibration = Calibration() if c.calibrate and c.tpm is not None else None
 
-    def _pairs(self, cost: Cost) -> list[tuple[Bucket, int]]:
+    def _pairs(self, cost: Cost) -> list[tuple[Bucket, float]]:
         return [(b, cost.requests) for b in self.requests] + [(b, cost.tokens) for b in self.tokens]
 
     def admit(self, now: float, cost: Cost) -> Admission:
         """Take ``cost`` if every bucket holds it and the key is not paused (``Proceed``);
-        else ``Delay`` until the moment it will (taking nothing), or ``Reject`` if never."""
+        else ``Delay`` until the moment it will (taking nothing), or ``Reject`` if never.
+        ``cost.tokens`` is in our estimate's tokens; the buckets hold the provider's."""
+        ours = cost.tokens
+        if self.calibration is not None and ours:
+            cost = Cost(cost.requests, self.calibration.scale(ours))
         pairs = self._pairs(cost)
         for bucket, amount in pairs:
             if not bucket.fit(amount):
                 return Reject(
-                    f"this call needs {amount} {bucket.name} units but the bucket holds at most "
+                    f"this call needs {amount:g} {bucket.name} units but the bucket holds at most "
                     f"{bucket.capacity:g} (a {bucket.window:g} s window {bucket.allowance:g}); "
                     "raise the burst or the limit, or split the request"
                 )
@@ -401,27 +414,41 @@ class RateLimitPolicy:
         for bucket, amount in pairs:
             bucket.take(now, amount)
         self.sent.add(now, cost.requests, cost.tokens)
+        if self.calibration is not None:
+            self.ours.add(now, ours)
         return PROCEED
 
     def settle(self, now: float, delta: int) -> None:
         """Charge (positive) or refund (negative) tokens once the usage is known
-        (``settle_delta`` says how much)."""
+        (``settle_delta`` says how much, in our estimate's tokens)."""
         if not delta:
             return
+        amount: float = delta
+        if self.calibration is not None:
+            self.ours.add(now, delta)
+            amount = self.calibration.scale(delta)
         for bucket in self.tokens:
             bucket.refill(now)
-            bucket.level = min(bucket.capacity, bucket.level - delta)
-        if delta > 0:
-            self.sent.add(now, 0, delta)
+            bucket.level = min(bucket.capacity, bucket.level - amount)
+        if amount > 0:
+            self.sent.add(now, 0, amount)
 
-    def learn(self, now: float, headers: RateLimitHeaders) -> list[Learned]:
+    def counted(self, now: float) -> float:
+        """What we charged in the last window (our estimate's tokens): taken when a call is
+        admitted, handed back to ``learn`` with its response."""
+        return self.ours.total(now)
+
+    def learn(
+        self, now: float, headers: RateLimitHeaders, counted: float | None = None
+    ) -> list[Learned]:
         """What a response's ``x-ratelimit-*`` headers say, applied; only ever lowers.
 
         A stated limit below the configured one replaces it. The first remaining count of a
         dimension (cold start) also says how full the window already is: the level may then be
         at most ``remaining`` and ``allowance - rate * reset`` (what is in the window leaves
         within ``reset`` seconds, while we refill). Every later one caps the level at
-        ``remaining``.
+        ``remaining``. ``counted``: ``counted()`` when this call was admitted (a successful
+        call); with the remaining tokens it is a sample for the ``calibration``.
         """
         learned: list[Learned] = []
         for dimension, limit, remaining, reset in (
@@ -450,7 +477,20 @@ class RateLimitPolicy:
                     bucket.level = bound
                     learned.append(Learned(dimension, None, bound))
             bucket.level = min(bucket.level, bound)
+        self._calibrate(headers, counted, learned)
         return learned
+
+    def _calibrate(
+        self, headers: RateLimitHeaders, counted: float | None, learned: list[Learned]
+    ) -> None:
+        bucket = self.minute["tokens"]
+        remaining = headers.remaining_tokens
+        if self.calibration is None or bucket is None or counted is None or remaining is None:
+            return
+        limit = headers.limit_tokens if headers.limit_tokens else bucket.limit
+        whole = allowance("tokens", limit, bucket.window)
+        if self.calibration.observe(counted, whole - remaining, whole):
+            learned.append(Learned("tokens", None, bucket.level, self.calibration.factor))
 
     def pause(self, now: float, until: float) -> None:
         """After a 429 the whole key waits, not only the call that got it, and no credit

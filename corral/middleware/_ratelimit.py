@@ -255,6 +255,9 @@ class RateLimit:
         settle: ``"reserved"`` (a call costs its reservation, as OpenAI counts) or ``"usage"``
             (refunded to its real usage, for providers that count usage).
         cold_start: the share of the burst a key starts with (0 to 1).
+        calibrate: scale token reservations to the provider's own count, learnt from its
+            ``x-ratelimit-remaining-tokens`` (``corral.middleware._calibration``); False keeps
+            corral's estimate as it is.
         max_pause: the longest a 429's Retry-After may pause a key, in seconds.
         key: which quota a request counts against (``by_model``, ``by_endpoint``,
             ``by_credential`` or your own).
@@ -277,6 +280,7 @@ class RateLimit:
         window: float = 60.0,
         settle: Settle = "reserved",
         cold_start: float = 0.1,
+        calibrate: bool = True,
         max_pause: float = 60.0,
         key: Callable[[Request], str] = by_model,
         counter: TokenCounter | None = None,
@@ -292,6 +296,7 @@ class RateLimit:
             settle=settle,
             cold_start=cold_start,
             pause=PausePolicy(max_pause=max_pause),
+            calibrate=calibrate,
         )
         self._key = key
         self._counter = counter or EstimatingCounter()
@@ -354,10 +359,11 @@ class RateLimit:
         if waited > 0:
             self.waited += waited
             call.emit(RateLimitWaited, current_time(), key=key, waited=waited, tokens=held.tokens)
+        policy = queue.policy
+        counted = None if policy.calibration is None else policy.counted(current_time())
         mark = call.stream
         response = await call_next(request)
         now = current_time()
-        policy = queue.policy
         match self.config.pause.decide(now, response.error()):
             case NoPause():
                 pass
@@ -376,7 +382,8 @@ class RateLimit:
                 never(other)
         limits = parse_rate_limit_headers(response.headers)
         if limits.present:
-            for learned in policy.learn(now, limits):
+            ok = response.status == 200
+            for learned in policy.learn(now, limits, counted if ok else None):
                 call.emit(
                     RateLimitLearned,
                     now,
@@ -384,6 +391,7 @@ class RateLimit:
                     dimension=learned.dimension,
                     limit=learned.limit,
                     level=learned.level,
+                    scale=learned.scale,
                 )
         if response.status == 200 and response.stream is not None:
             # The call's one parse of the stream (shared with Metrics, the cache, the reader)

@@ -30,7 +30,7 @@ class SendLog:
         #: [slice end, requests, tokens], oldest first.
         self._slices: deque[list[float]] = deque()
 
-    def add(self, now: float, requests: int, tokens: int) -> None:
+    def add(self, now: float, requests: int, tokens: float) -> None:
         slices = self._slices
         if not slices or now > slices[-1][0]:
             slices.append([now + self._width, 0, 0])
