@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from corral.batch._items import IdSet
@@ -220,6 +221,39 @@ def test_actor_config_refuses_bad_values() -> None:
     with pytest.raises(InvalidInput, match="rpm"):
         ActorConfig(rpm=0)
     assert "sk-" not in repr(ActorConfig(api_key=CANARY_KEY))
+    with pytest.raises(InvalidInput, match="settle"):
+        ActorConfig(settle="maybe")
+
+
+def test_the_limits_as_the_provider_counts_them_reach_every_actor(redis_url: str) -> None:
+    """``corral run --ray``'s --window/--settle/--burst-*/--no-calibrate reach the actors'
+    limiters: a local quota split between them, a shared one whole."""
+    from corral.batch._job import BatchJob
+    from corral.integrations.ray import _actor_config
+    from corral.middleware import RateLimit
+    from corral.middleware._shared_ratelimit import SharedRateLimit
+
+    job = BatchJob(
+        input=Path("in.jsonl"),
+        output=Path("out.jsonl"),
+        rpm=600,
+        tpm=60_000,
+        window=10.0,
+        settle="usage",
+        burst_requests=4,
+        burst_tokens=800,
+        calibrate=False,
+    )
+    config = attrs.evolve(_actor_config(job, "http://127.0.0.1:1/v1"), actors=2)
+    (local,) = [m for m in config.middleware() if isinstance(m, RateLimit)]
+    c = local.config
+    assert (c.rpm, c.tpm, c.window, c.settle) == (300, 30_000, 10.0, "usage")
+    assert (c.burst_requests, c.burst_tokens, c.calibrate) == (2, 400, False)
+    shared_config = attrs.evolve(config, quota_redis=redis_url)
+    (shared,) = [m for m in shared_config.middleware() if isinstance(m, SharedRateLimit)]
+    s = shared.config
+    assert (s.rpm, s.tpm, s.window, s.settle) == (600, 60_000, 10.0, "usage")
+    assert (s.burst_requests, s.burst_tokens) == (4, 800)
 
 
 # -- corral run --ray ---------------------------------------------------------------------------

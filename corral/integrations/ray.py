@@ -66,8 +66,10 @@ from corral.core._compose import Middleware
 from corral.core._errors import CorralError, InvalidInput
 from corral.core._models import Response
 from corral.core._wire import response_usage
+from corral.middleware._buckets import one_of
 from corral.middleware._cache import Cache
 from corral.middleware._checks import at_least, finite, optional
+from corral.middleware._ratelimit import RateLimit
 
 if TYPE_CHECKING:
     import pyarrow
@@ -131,8 +133,15 @@ class ActorConfig:
     tpm: int | None = attrs.field(default=None, validator=optional(at_least(1)))
     quota_redis: str | None = None
     quota_name: str = "default"
-    #: Seconds over which the provider enforces the per-minute limits (shared quota only).
+    #: Seconds over which the provider enforces the per-minute limits.
     window: float = attrs.field(default=60.0, validator=finite(open_below=True))
+    #: What a call costs once its usage is known ("reserved" or "usage"; see ``RateLimit``).
+    settle: str = attrs.field(default="reserved", validator=one_of("reserved", "usage"))
+    #: What the actors together may send at once (None: 2% of a window), and whether a local
+    #: quota scales token reservations to the provider's count (``RateLimit(calibrate=)``).
+    burst_requests: float | None = None
+    burst_tokens: float | None = None
+    calibrate: bool = True
     #: Share cached answers between actors through this Redis.
     cache_redis: str | None = None
     cache_ttl: float = attrs.field(default=7 * 24 * 3600.0, validator=finite(open_below=True))
@@ -164,10 +173,7 @@ class ActorConfig:
 
     def middleware(self) -> list[Middleware]:
         """This actor's stack, outermost first (the default stack with shared limits)."""
-        local = self.quota_redis is None
         stack = default_middleware(
-            rpm=_share(self.rpm, self.actors) if local else None,
-            tpm=_share(self.tpm, self.actors) if local else None,
             concurrency=self.concurrency,
             max_attempts=self.retries + 1,
             timeout=self.timeout,
@@ -178,20 +184,9 @@ class ActorConfig:
         if self.extra_middleware is not None:
             at = 2 if self.cache_redis else 1
             stack[at:at] = list(self.extra_middleware())
-        if not local and (self.rpm is not None or self.tpm is not None):
-            with needs_extra("redis", "quota_redis"):
-                from corral.middleware._shared_ratelimit import SharedRateLimit
-
-            shared = SharedRateLimit(
-                self.quota_redis or "",
-                name=self.quota_name,
-                rpm=self.rpm,
-                tpm=self.tpm,
-                window=self.window,
-                max_pause=self.max_pause,
-                processes=self.actors,
-            )
-            stack.insert(len(stack) - 1, shared)  # outside ConcurrencyLimit, as corral run
+        if self.rpm is not None or self.tpm is not None:
+            # outside ConcurrencyLimit, as corral run
+            stack.insert(len(stack) - 1, self._limiter())
         if self.budget_usd is not None:  # innermost, as corral run: held just before sending
             from corral.middleware._budget import Budget
 
@@ -205,6 +200,34 @@ class ActorConfig:
             from corral.stores.redis import RedisStore
 
         return Cache(RedisStore(self.cache_redis), ttl=self.cache_ttl)
+
+    def _limiter(self) -> Middleware:
+        """One quota for all actors: in Redis, or else split evenly between them."""
+        limits: dict[str, Any] = {"window": self.window, "settle": self.settle}
+        limits["max_pause"] = self.max_pause
+        if self.quota_redis is None:
+            n = self.actors
+            return RateLimit(
+                rpm=_share(self.rpm, n),
+                tpm=_share(self.tpm, n),
+                burst_requests=None if self.burst_requests is None else self.burst_requests / n,
+                burst_tokens=None if self.burst_tokens is None else self.burst_tokens / n,
+                calibrate=self.calibrate,
+                **limits,
+            )
+        with needs_extra("redis", "quota_redis"):
+            from corral.middleware._shared_ratelimit import SharedRateLimit
+
+        return SharedRateLimit(
+            self.quota_redis,
+            name=self.quota_name,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            burst_requests=self.burst_requests,
+            burst_tokens=self.burst_tokens,
+            processes=self.actors,
+            **limits,
+        )
 
 
 def _share(limit: int | None, actors: int) -> int | None:
@@ -562,12 +585,9 @@ def _ray_session(address: str) -> Iterator[None]:
         ray.shutdown()
 
 
-def _dataset(job: BatchJob, base_url: str, rows: list[dict[str, Any]]) -> ray.data.Dataset:
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    config = ActorConfig(
+def _actor_config(job: BatchJob, base_url: str) -> ActorConfig:
+    """What each actor of ``corral run --ray`` is told: the run's flags."""
+    return ActorConfig(
         base_url=base_url,
         api_key=job.api_key,
         api_key_env=job.api_key_env,
@@ -576,6 +596,10 @@ def _dataset(job: BatchJob, base_url: str, rows: list[dict[str, Any]]) -> ray.da
         rpm=job.rpm,
         tpm=job.tpm,
         window=job.window,
+        settle=job.settle,
+        burst_requests=job.burst_requests,
+        burst_tokens=job.burst_tokens,
+        calibrate=job.calibrate,
         quota_redis=job.quota_redis,
         quota_name=job.quota_name,
         cache_redis=job.redis,
@@ -590,6 +614,14 @@ def _dataset(job: BatchJob, base_url: str, rows: list[dict[str, Any]]) -> ray.da
         budget_name=job.budget_name,
         record=True,
     )
+
+
+def _dataset(job: BatchJob, base_url: str, rows: list[dict[str, Any]]) -> ray.data.Dataset:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    config = _actor_config(job, base_url)
     batch_size = max(1, min(job.concurrency * 4, math.ceil(len(rows) / (4 * job.ray_actors))))
     blocks = max(1, math.ceil(len(rows) / batch_size))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
