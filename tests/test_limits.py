@@ -7,6 +7,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -411,7 +412,9 @@ def simulate(
     return policy, counted, pauses
 
 
-def most_in_a_window(counted: list[tuple[float, int, int]], window: float, column: int) -> float:
+def most_in_a_window(
+    counted: Sequence[tuple[float, int, float]], window: float, column: int
+) -> float:
     return max(
         (
             sum(c[column] for c in counted if start <= c[0] < start + window)
