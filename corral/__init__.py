@@ -4,27 +4,21 @@ The names here are the public API; modules whose names start with ``_`` are impl
 ``corral.core`` is the sans-IO layer (values, wire format, errors, events), ``corral.middleware``
 and ``corral.transports`` the layers a stack is built from, ``corral.batch`` the resumable batch
 runner, ``corral.observe`` the event sinks, ``corral.testing`` the emulator.
+
+``import corral`` loads what building a ``Client`` with the default stack needs; every other name
+(routing, the rate limiter, the cache, the batch runner, the transports) loads its module on
+first use (issue 15), so a script pays only for the paths it takes.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from corral._client import Client, MapResult, SyncClient, default_middleware
-from corral._deployments import load_router
-from corral.core import (
-    CacheMode,
-    Headers,
-    Request,
-    RequestOptions,
-    Response,
-    Timeouts,
-    build_stack,
-    errors,
-    events,
-)
+from corral._client import Client, SyncClient, default_middleware
+from corral.core import errors
+from corral.core._compose import build_stack
 from corral.core._errors import (
     APIError,
     APITimeoutError,
@@ -42,27 +36,33 @@ from corral.core._errors import (
     ServerError,
     TransportError,
 )
-from corral.middleware import (
-    Budget,
-    BudgetExceeded,
-    Cache,
-    CircuitBreaker,
-    ConcurrencyLimit,
-    Deadline,
-    Deployment,
-    Metrics,
-    NoDeployment,
-    RateLimit,
-    Retry,
-    Router,
-    Truncate,
-)
-from corral.transports import H11Transport, MemoryTransport
+from corral.core._headers import Headers
+from corral.core._lazy import lazy_exports
+from corral.core._models import CacheMode, Request, RequestOptions, Response, Timeouts
+from corral.middleware._breaker import CircuitBreaker
+from corral.middleware._concurrency import ConcurrencyLimit
+from corral.middleware._deadline import Deadline
+from corral.middleware._metrics import Metrics
+from corral.middleware._retry import Retry
 
 if TYPE_CHECKING:
+    from corral._deployments import load_router
+    from corral._mapping import MapResult
     from corral.batch import BatchJob, run_job
-    from corral.middleware import SemanticCache, SharedRateLimit
-    from corral.transports import AiohttpTransport, HttpxTransport
+    from corral.core import events
+    from corral.middleware import (
+        Budget,
+        BudgetExceeded,
+        Cache,
+        Deployment,
+        NoDeployment,
+        RateLimit,
+        Router,
+        SemanticCache,
+        SharedRateLimit,
+        Truncate,
+    )
+    from corral.transports import AiohttpTransport, H11Transport, HttpxTransport, MemoryTransport
 
 __all__ = [
     "APIError",
@@ -118,20 +118,31 @@ __all__ = [
     "run_job",
 ]
 
-_LAZY = {
-    "HttpxTransport": "corral.transports",
-    "AiohttpTransport": "corral.transports",
-    "SharedRateLimit": "corral.middleware",
-    "SemanticCache": "corral.middleware",
-    "BatchJob": "corral.batch",
-    "run_job": "corral.batch",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """Names that need an optional extra, or are only for batch runs, load on first use."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'corral' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "load_router": "corral._deployments",
+        "MapResult": "corral._mapping",
+        **dict.fromkeys(["BatchJob", "run_job"], "corral.batch"),
+        **dict.fromkeys(
+            [
+                "Budget",
+                "BudgetExceeded",
+                "Cache",
+                "Deployment",
+                "NoDeployment",
+                "RateLimit",
+                "Router",
+                "SemanticCache",
+                "SharedRateLimit",
+                "Truncate",
+            ],
+            "corral.middleware",
+        ),
+        **dict.fromkeys(
+            ["AiohttpTransport", "H11Transport", "HttpxTransport", "MemoryTransport"],
+            "corral.transports",
+        ),
+    },
+    {"events": "corral.core._events"},
+)

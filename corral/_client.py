@@ -21,12 +21,10 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.from_thread
 
-from corral._mapping import MapResult, MapRun
 from corral.core import _errors as errors
 from corral.core._classify import classify, scrub
 from corral.core._compose import Handler, Middleware, build_stack
@@ -49,14 +47,15 @@ from corral.middleware._breaker import CircuitBreaker
 from corral.middleware._concurrency import ConcurrencyLimit
 from corral.middleware._deadline import Deadline
 from corral.middleware._metrics import Aggregator, Metrics
-from corral.middleware._ratelimit import RateLimit
 from corral.middleware._retry import Retry
-from corral.middleware._router import Deployment, Router
-from corral.transports._base import Transport
+
+if TYPE_CHECKING:  # the paths needing these import them when taken (issue 15: import time)
+    from corral._mapping import MapResult, MapRun
+    from corral.middleware._router import Deployment, Router
+    from corral.transports._base import Transport
 
 __all__ = [
     "Client",
-    "MapResult",
     "SyncClient",
     "default_middleware",
     "resolve_api_key",
@@ -135,6 +134,8 @@ def default_middleware(
     layers.append(Retry(max_attempts=max_attempts, budget_ratio=retry_budget, seed=seed))
     layers.append(CircuitBreaker())
     if rpm is not None or tpm is not None:
+        from corral.middleware._ratelimit import RateLimit
+
         layers.append(RateLimit(rpm=rpm, tpm=tpm, max_pause=max_pause))
     layers.append(ConcurrencyLimit(concurrency))
     return layers
@@ -159,6 +160,8 @@ def routed_middleware(
 def as_router(deployments: Router | str | os.PathLike[str] | Sequence[Deployment]) -> Router:
     """A router from what ``Client(deployments=...)`` accepts: a router, a TOML file, or
     ``Deployment`` values."""
+    from corral.middleware._router import Router
+
     if isinstance(deployments, Router):
         return deployments
     if isinstance(deployments, str | os.PathLike):
@@ -397,6 +400,8 @@ class Client:
         async def call(body: Mapping[str, Any]) -> ChatCompletion:
             return await self.chat(**self._chat_body(None, None, body))
 
+        from corral._mapping import MapRun
+
         return MapRun(call, bodies, concurrency, ordered)
 
     async def aclose(self) -> None:
@@ -435,6 +440,8 @@ class SyncClient:
     """A blocking facade over ``Client`` for scripts and notebooks (its loop runs in a thread)."""
 
     def __init__(self, *args: Any, backend: str = "asyncio", **kwargs: Any) -> None:
+        import anyio.from_thread
+
         self._portal_cm = anyio.from_thread.start_blocking_portal(backend)
         self._portal = self._portal_cm.__enter__()
         try:

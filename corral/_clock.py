@@ -10,10 +10,14 @@ imports no event loop.
 from __future__ import annotations
 
 import functools
-from asyncio.events import _get_running_loop as _running_loop  # C; None outside asyncio
+import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
+
+if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop
 
 __all__ = ["current_time"]
 
@@ -29,6 +33,20 @@ def current_time() -> float:
     if loop is not None:
         return loop.time()
     return _trio_clock()()
+
+
+def _asyncio_not_loaded() -> AbstractEventLoop | None:
+    """No asyncio loop can run before asyncio is imported, and importing it costs a trio program
+    (and ``import corral``) ~20 ms: look for it, and once it is there use its C lookup."""
+    events = sys.modules.get("asyncio.events")
+    if events is None:
+        return None
+    global _running_loop
+    _running_loop = events._get_running_loop  # C; None outside asyncio, without raising
+    return _running_loop()
+
+
+_running_loop: Callable[[], AbstractEventLoop | None] = _asyncio_not_loaded
 
 
 @functools.cache

@@ -65,7 +65,9 @@ def _assignment_has_docstring(module_name: str, name: str, seen: set[str]) -> bo
     seen.add(module_name)
     module = sys.modules[module_name]
     tree = ast.parse(inspect.getsource(module))
-    body = tree.body
+    body: list[ast.stmt] = []
+    for node in tree.body:  # a lazy package imports its names under ``if TYPE_CHECKING:``
+        body.extend(node.body if isinstance(node, ast.If) else [node])
     for i, node in enumerate(body):
         targets: list[ast.expr] = []
         if isinstance(node, ast.Assign):
