@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from corral._clock import current_time
 from corral.core import _errors as errors
 from corral.core._classify import classify, scrub
 from corral.core._compose import Handler, Middleware, build_stack
@@ -342,14 +343,17 @@ class Client:
         stream, parse = shared_parse(call, source, mark)
         parse.keep_chunks()
         stream_bytes = aiter(stream)
+        idle = math.inf if idle_timeout is None else idle_timeout
         try:
             while True:
-                try:
-                    with anyio.fail_after(idle_timeout if idle_timeout is not None else math.inf):
+                # One scope per piece the transport hands over (a read's worth of events), at
+                # an absolute time: no per-chunk fail_after.
+                with anyio.CancelScope(deadline=current_time() + idle) as scope:
+                    try:
                         await anext(stream_bytes)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
+                    except StopAsyncIteration:
+                        break
+                if scope.cancelled_caught:
                     raise errors.ReadTimeout(
                         f"no stream data for {idle_timeout}s", request_sent=True
                     ) from None

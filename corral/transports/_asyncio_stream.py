@@ -6,6 +6,11 @@ write went straight out. For an HTTP client that sends one small request and the
 the answer, those are a third of the transport's CPU. This stream keeps reading while its
 buffer is small, wakes the reader with one future, and only waits on ``send`` when the kernel
 buffer is full. Cancellation works as for any await: anyio's cancel scopes cancel the task.
+
+A read timeout (``receive_within``) needs no cancel scope: each wait records its deadline, and
+one timer per connection, armed for the first wait, fails the waiter only if that wait's
+deadline has passed; otherwise it moves to the current deadline. A streamed body read one event
+at a time thus costs a float per read, not a scope and a timer.
 Under trio the transport uses anyio's streams, which are thin over trio's.
 """
 
@@ -19,10 +24,15 @@ from typing import Any, cast
 import anyio
 import anyio.abc
 
-__all__ = ["AsyncioStream", "open_asyncio_stream"]
+__all__ = ["AsyncioStream", "ReadTimedOut", "open_asyncio_stream"]
 
 # Stop reading from the socket while this many bytes wait unread (back-pressure on big bodies).
 _HIGH_WATER = 1 << 20
+
+
+class ReadTimedOut(Exception):
+    """``receive_within``'s limit passed with no byte (not an ``OSError``, as TimeoutError is,
+    so no handler of network errors takes it for one)."""
 
 
 class _Protocol(asyncio.Protocol):
@@ -35,7 +45,10 @@ class _Protocol(asyncio.Protocol):
         "loop",
         "lost",
         "reading_paused",
+        "timer",
+        "timer_when",
         "transport",
+        "wait_deadline",
         "waiter",
         "write_paused",
     )
@@ -50,6 +63,10 @@ class _Protocol(asyncio.Protocol):
         # One fresh future per wait: asyncio cancels the future a cancelled task awaited.
         self.waiter: asyncio.Future[None] | None = None
         self.drain_waiter: asyncio.Future[None] | None = None
+        # The read timeout: the current wait's deadline, and the one timer that checks it.
+        self.wait_deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_when = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
@@ -85,6 +102,31 @@ class _Protocol(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
+    def arm(self, deadline: float) -> None:
+        """Time the coming wait out at ``deadline`` (the timer moves only to an earlier time)."""
+        self.wait_deadline = deadline
+        if self.timer is None or self.timer_when > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_when = deadline
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done() or not self.wait_deadline:
+            return  # no timed wait now: the next one arms a timer again
+        if self.loop.time() >= self.wait_deadline:
+            waiter.set_exception(ReadTimedOut())
+        else:
+            self.arm(self.wait_deadline)
+
+    def disarm(self) -> None:
+        self.wait_deadline = 0.0
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def _wake_drain(self) -> None:
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
@@ -99,7 +141,16 @@ class AsyncioStream(anyio.abc.ByteStream):
         self._closed = False
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.receive_within(max_bytes, None)
+
+    async def receive_within(self, max_bytes: int, seconds: float | None) -> bytes:
+        """``receive``, raising ``ReadTimedOut`` if no byte comes within ``seconds`` (None: no
+        limit). No cancel scope: the protocol's one timer fails the wait."""
         protocol = self._protocol
+        if not protocol.chunks and seconds is not None:
+            protocol.arm(protocol.loop.time() + seconds)
+        elif protocol.wait_deadline:
+            protocol.wait_deadline = 0.0
         while not protocol.chunks:
             if self._closed:
                 raise anyio.ClosedResourceError
@@ -158,6 +209,7 @@ class AsyncioStream(anyio.abc.ByteStream):
 
     async def aclose(self) -> None:
         self._closed = True
+        self._protocol.disarm()
         self._transport.abort()
 
     @property

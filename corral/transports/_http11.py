@@ -37,7 +37,7 @@ from corral.core import _errors as errors
 from corral.core._events import TransportResent
 from corral.core._headers import Headers
 from corral.core._models import Request, Response, Timeouts, Timing
-from corral.transports._asyncio_stream import AsyncioStream, open_asyncio_stream
+from corral.transports._asyncio_stream import AsyncioStream, ReadTimedOut, open_asyncio_stream
 from corral.transports._base import (
     DEFAULT_MAX_RESPONSE_BYTES,
     BodyLimit,
@@ -442,9 +442,17 @@ class H11Transport:
             ) from None
         await self._write(conn, end, timeouts, watch)
 
-    async def _receive(self, conn: _Connection, *, stale_ok: bool = False) -> bytes:
+    async def _receive(
+        self, conn: _Connection, *, stale_ok: bool = False, within: float | None = None
+    ) -> bytes:
+        """One read into ``conn``'s h11; ``within`` (an ``AsyncioStream`` only) times it out
+        with ``ReadTimedOut``."""
         try:
-            chunk = await conn.stream.receive(_READ_SIZE)
+            if within is not None:
+                assert isinstance(conn.stream, AsyncioStream)
+                chunk = await conn.stream.receive_within(_READ_SIZE, within)
+            else:
+                chunk = await conn.stream.receive(_READ_SIZE)
         except anyio.EndOfStream:
             chunk = b""
         except _NETWORK_ERRORS as exc:
@@ -467,6 +475,19 @@ def _on_asyncio() -> bool:
     return True
 
 
+_CUT_SHORT = "response body cut short or malformed"
+
+
+def _body_timeout(read: float | None) -> errors.ReadTimeout:
+    return errors.ReadTimeout(f"no body data for {read}s", request_sent=True)
+
+
+def _closed_early(event: object) -> errors.RemoteProtocolError:
+    return errors.RemoteProtocolError(
+        f"connection closed before the body ended ({type(event).__name__})", request_sent=True
+    )
+
+
 def _next_event(conn: _Connection, problem: str) -> object:
     """h11's next event; its protocol errors become corral's, named for the phase."""
     try:
@@ -487,6 +508,8 @@ class _Body:
         self._timeouts = timeouts
         self._request_headers = request_headers
         self._limit = BodyLimit(max_bytes)
+        self._pending: object = None  # the event h11 gave after the data it joined
+        self._error: errors.CorralError | None = None  # found while joining: raised next
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._stream()
@@ -511,37 +534,67 @@ class _Body:
         return b"".join(chunks)
 
     async def next_chunk(self, watch: PhaseWatch | None) -> bytes | None:
-        """The next piece of the body, or None at its end (the connection then goes back).
+        """The body bytes received so far (every h11 ``Data`` event already buffered, joined),
+        or None at its end (the connection then goes back).
 
-        With ``watch`` the caller's scope times the reads; without, each read has its own.
+        One piece per read rather than per event: h11 makes an event of each chunked-encoding
+        chunk, and a provider sends each SSE event as one, so every layer above would otherwise
+        pay per event. With ``watch`` the caller's scope times the reads; without, each wait
+        is timed by the stream (a moved timer on asyncio, a scope on trio).
         """
-        conn, transport = self._conn, self._lease.transport
-        read = self._timeouts.read
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        conn = self._conn
         while not self._lease.done:
-            event = _next_event(conn, "response body cut short or malformed")
+            event, self._pending = self._pending or _next_event(conn, _CUT_SHORT), None
             if event is h11.NEED_DATA:
-                if watch is not None:
-                    watch.start("read", read)
-                    await transport._receive(conn)
-                    continue
-                try:
-                    with anyio.fail_after(read):
-                        await transport._receive(conn)
-                except TimeoutError:
-                    raise errors.ReadTimeout(
-                        f"no body data for {read}s", request_sent=True
-                    ) from None
-            elif isinstance(event, h11.Data):
-                self._limit.add(len(event.data))
-                return bytes(event.data)
+                await self._read(watch)
+            elif type(event) is h11.Data:
+                return self._gather(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 await self._lease.finish(reusable=True)
             else:
-                raise errors.RemoteProtocolError(
-                    f"connection closed before the body ended ({type(event).__name__})",
-                    request_sent=True,
-                )
+                raise _closed_early(event)
         return None
+
+    def _gather(self, first: bytes) -> bytes:
+        """``first`` and the data events h11 can give without another read; an error found
+        past them is kept for the next call, so the bytes before it still reach the caller."""
+        self._limit.add(len(first))
+        conn = self._conn
+        pieces = [first]
+        try:
+            while True:
+                event = _next_event(conn, _CUT_SHORT)
+                if type(event) is not h11.Data:
+                    break
+                data = bytes(event.data)
+                self._limit.add(len(data))
+                pieces.append(data)
+        except errors.CorralError as exc:
+            self._error = exc
+            return b"".join(pieces)
+        if event is not h11.NEED_DATA:
+            self._pending = event
+        return first if len(pieces) == 1 else b"".join(pieces)
+
+    async def _read(self, watch: PhaseWatch | None) -> None:
+        conn, transport, read = self._conn, self._lease.transport, self._timeouts.read
+        if watch is not None:
+            watch.start("read", read)
+            await transport._receive(conn)
+        elif isinstance(conn.stream, AsyncioStream):
+            try:
+                await transport._receive(conn, within=read)
+            except ReadTimedOut:
+                raise _body_timeout(read) from None
+        else:
+            try:
+                with anyio.fail_after(read):
+                    await transport._receive(conn)
+            except TimeoutError:
+                raise _body_timeout(read) from None
 
     async def aclose(self) -> None:
         await self._lease.finish(reusable=False)

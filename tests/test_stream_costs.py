@@ -1,0 +1,184 @@
+"""What a streamed chunk costs, counted rather than timed (issue 15): events that arrive together
+leave H11Transport as one piece, a stream arms timers per wait rather than per chunk, and the
+asyncio stream's read timeout is one timer that moves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from corral import Client
+from corral.core import _errors as errors
+from corral.core import api_request
+from corral.core._models import Timeouts
+from corral.transports._asyncio_stream import ReadTimedOut, open_asyncio_stream
+from corral.transports._http11 import H11Transport
+from tests import hostile
+from tests.support import CANARY_KEY
+
+pytestmark = pytest.mark.anyio
+
+EVENTS = 200
+
+
+def _sse_events(count: int) -> list[bytes]:
+    chunk = {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": "w"}}]}
+    return [b"data: " + json.dumps(chunk).encode() + b"\n\n" for _ in range(count)] + [
+        b"data: [DONE]\n\n"
+    ]
+
+
+def _chunked(events: list[bytes]) -> bytes:
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    return head + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+
+
+@pytest.fixture
+def burst_server() -> Iterator[str]:
+    """Answers each request with a chunked SSE stream of ``EVENTS`` events in one write (one
+    chunked-encoding chunk per event, as providers send them); keep-alive."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    stop = threading.Event()
+    answer = _chunked(_sse_events(EVENTS))
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            while not stop.is_set() and hostile.read_request(conn):
+                conn.sendall(answer)
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/v1"
+    stop.set()
+    thread.join(timeout=5)
+    server.close()
+
+
+async def test_events_that_arrive_together_leave_as_one_piece(burst_server: str) -> None:
+    """h11 makes one event per chunked-encoding chunk; the body joins those already received,
+    so every layer above handles a read, not an SSE event."""
+    body = {"model": "m", "messages": [], "stream": True}
+    async with H11Transport() as transport:
+        response = await transport(api_request(burst_server, "/chat", body, api_key=CANARY_KEY))
+        assert response.stream is not None
+        with anyio.fail_after(10):
+            pieces = [piece async for piece in response.stream]
+    assert b"".join(pieces) == b"".join(_sse_events(EVENTS))
+    assert len(pieces) < EVENTS // 4  # one per read (the old body: one per event, 201)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_stream_chat_arms_no_timer_per_chunk(burst_server: str) -> None:
+    """``stream_chat`` through the default stack over H11Transport arms a bounded number of
+    timers for a stream whose events arrive together (the old code: ~3 per chunk, from a fresh
+    cancel scope in stream_chat, in the Deadline's stream and in the body's read).
+
+    asyncio only: counted by wrapping the loop's ``call_at``, which every timeout arms."""
+    loop = asyncio.get_running_loop()
+    armed = 0
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        nonlocal armed
+        armed += 1
+        return call_at(when, callback, *args, **kwargs)
+
+    async with Client(burst_server, CANARY_KEY, model="m") as client:
+        with anyio.fail_after(10):
+            async for _ in client.stream_chat([]):  # warm: the connection is open
+                pass
+            loop.call_at = counting  # type: ignore[method-assign]
+            try:
+                texts = [chunk.text async for chunk in client.stream_chat([])]
+            finally:
+                del loop.call_at
+    assert texts == ["w"] * EVENTS
+    assert armed < 20, f"{armed} timers for {EVENTS} chunks"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})])
+async def test_asyncio_receive_within_times_out_and_keeps_a_moving_deadline() -> None:
+    """``receive_within``: ReadTimedOut when nothing comes in time; data arriving inside each
+    wait's limit never times out, although the one timer was armed for an earlier wait."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    stream = await open_asyncio_stream("127.0.0.1", port, None)
+    peer, _ = server.accept()
+    try:
+        with anyio.fail_after(10):
+            with pytest.raises(ReadTimedOut):
+                await stream.receive_within(65536, 0.05)
+
+            def trickle() -> None:  # 6 pieces 0.25 s apart: past the first wait's timer
+                for i in range(6):
+                    time.sleep(0.25)
+                    peer.sendall(b"%d" % i)
+
+            sender = threading.Thread(target=trickle, daemon=True)
+            sender.start()
+            got = b""
+            while len(got) < 6:
+                got += await stream.receive_within(65536, 1.0)
+            sender.join(timeout=5)
+            assert got == b"012345"
+            peer.sendall(b"late")
+            assert await stream.receive_within(65536, 5) == b"late"  # the timer was re-armed
+    finally:
+        await stream.aclose()
+        peer.close()
+        server.close()
+
+
+async def test_body_read_timeout_still_fires_on_a_stalled_stream() -> None:
+    """The body's read timeout (moved, not recreated, on asyncio) still ends a stream that
+    stops sending: ``ReadTimeout``, not a hang."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            hostile.read_request(conn)
+            conn.sendall(_chunked(_sse_events(3))[:-200])  # some events, then silence
+            stop.wait(10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/v1"
+    body = {"model": "m", "messages": [], "stream": True}
+    try:
+        async with H11Transport(timeouts=Timeouts(read=0.3)) as transport:
+            response = await transport(api_request(url, "/chat", body, api_key=CANARY_KEY))
+            assert response.stream is not None
+            with anyio.fail_after(10), pytest.raises(errors.ReadTimeout):
+                async for _ in response.stream:
+                    pass
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
