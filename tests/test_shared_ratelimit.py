@@ -210,3 +210,30 @@ def test_max_pause_must_be_finite() -> None:
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(errors.InvalidInput, match="max_pause"):
             SharedRateLimit("redis://127.0.0.1:1/0", rpm=1, max_pause=bad)
+
+
+async def test_a_streamed_answer_settles_its_usage_too(redis_url: str) -> None:
+    """A stream's ``usage`` settles the shared token cell as a plain answer's does: with
+    ``settle="usage"`` a 1,000-token ``max_tokens`` reservation answered in ~30 tokens is
+    refunded, so the next such call goes at once instead of after ~10 minutes of refill."""
+    from corral import Client
+
+    name = uuid.uuid4().hex
+    with serve_in_thread() as emu:
+        limiter = SharedRateLimit(
+            redis_url, name=name, tpm=1_200, burst_tokens=1_100, settle="usage"
+        )
+        async with Client(
+            base_url=emu.base_url, api_key="sk-test", model="m", middleware=[limiter]
+        ) as client:
+            for _ in range(2):
+                with anyio.fail_after(10):
+                    chunks = [
+                        c
+                        async for c in client.stream_chat(
+                            [{"role": "user", "content": "hi"}],
+                            max_tokens=1_000,
+                            stream_options={"include_usage": True},
+                        )
+                    ]
+                assert chunks

@@ -8,7 +8,8 @@ checks both dimensions and the 429 pause, and reserves both or neither, atomical
 Redis server's clock, so a skewed local clock changes nothing. ``settle`` is the local
 limiter's (``settle_delta``): ``"reserved"`` keeps the reservation (charging only an
 overrun, or the real output of a body without ``max_tokens``), ``"usage"`` moves the token
-cell's arrival time back (refund) or forward (charge) to the real usage. The cells' state
+cell's arrival time back (refund) or forward (charge) to the real usage; a streamed answer's
+usage (``stream_options.include_usage``) is settled with the next reservation. The cells' state
 lives in Redis, so a process that starts late joins the quota where it stands (no cold burst).
 
 Shell: ``SharedRateLimit`` asks the script, sleeps for the wait it answers, asks again. When
@@ -27,6 +28,7 @@ so no key in Redis can stop the quota for longer.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Literal
 
@@ -40,7 +42,7 @@ from corral.core._compose import Handler
 from corral.core._events import RateLimitPaused, RateLimitWaited
 from corral.core._models import Request, Response
 from corral.core._tokens import EstimatingCounter
-from corral.core._wire import response_usage
+from corral.core._wire import Usage, response_usage, shared_parse
 from corral.middleware._buckets import (
     Delay,
     NoPause,
@@ -56,7 +58,13 @@ from corral.middleware._buckets import (
 from corral.middleware._checks import at_least, finite, never, optional
 from corral.middleware._gcra import PAUSE, RESERVE, SETTLE, Cell, GcraPolicy, ScriptArgs, decode
 from corral.middleware._outputs import OutputEstimate
-from corral.middleware._ratelimit import RateLimit, log_capped, reservation, usage_delta
+from corral.middleware._ratelimit import (
+    RateLimit,
+    Reservation,
+    log_capped,
+    reservation,
+    usage_delta,
+)
 from corral.stores.redis import DEFAULT_TIMEOUT, redis_client, run_blocking
 
 __all__ = ["RateLimitUnavailable", "SharedRateLimit", "SharedRateLimitConfig"]
@@ -204,6 +212,8 @@ class SharedRateLimit:
         self._counter = EstimatingCounter()
         self._outputs = OutputEstimate()
         self._waited = 0.0
+        #: Tokens streamed answers' usage settled since the last call (sent with the next).
+        self._owed = 0
 
     @property
     def waited(self) -> float:
@@ -249,6 +259,7 @@ class SharedRateLimit:
         delayed = False
         while True:
             try:
+                await self._settle_owed()
                 reply = await self._call(self._reserve, self._keys, args)
             except redis.RedisError as exc:
                 self._went_down(exc)
@@ -280,6 +291,8 @@ class SharedRateLimit:
             if self.config.on_unavailable == "fail":
                 raise RateLimitUnavailable("the shared rate limit's Redis is unreachable")
             return await self._local(request, call_next)
+        call = request.options.call
+        mark = call.stream
         response = await call_next(request)
         try:
             now = current_time()
@@ -301,12 +314,33 @@ class SharedRateLimit:
                     )
                 case other:
                     never(other)
-            usage = response_usage(response) if response.status == 200 else None
-            if usage is not None and self._gcra.tokens.interval > 0:
-                delta = usage_delta(self.config.settle, held, usage, self._outputs)
-                if delta:
-                    args = self._gcra.settle_args(delta, self._margin_ms)
-                    await self._call(self._settle, [self._keys[1]], args)
+            if response.status == 200 and response.stream is not None:
+                # Settled when the stream's usage arrives, sent to Redis before the next
+                # reservation (the parse reports it synchronously, inside the reader's loop).
+                stream, parse = shared_parse(call, response.stream, mark)
+                parse.on_usage(functools.partial(self._owe, held))
+                if stream is not response.stream:
+                    response = attrs.evolve(response, stream=stream)
+            elif response.status == 200:
+                usage = response_usage(response)
+                if usage is not None:
+                    self._owe(held, usage)
+                    await self._settle_owed()
         except redis.RedisError as exc:
             self._went_down(exc)
         return response
+
+    def _owe(self, held: Reservation, usage: Usage) -> None:
+        if self._gcra.tokens.interval > 0:
+            self._owed += usage_delta(self.config.settle, held, usage, self._outputs)
+
+    async def _settle_owed(self) -> None:
+        """Send what answers settled since the last reservation to the token cell."""
+        delta, self._owed = self._owed, 0
+        if delta:
+            args = self._gcra.settle_args(delta, self._margin_ms)
+            try:
+                await self._call(self._settle, [self._keys[1]], args)
+            except redis.RedisError:
+                self._owed += delta  # kept for the next call
+                raise
