@@ -33,6 +33,7 @@ LAZY = [
     "corral.middleware._budget",
     "corral.middleware._cache",
     "corral.middleware._truncate",
+    "corral.core._optional_events",
 ]
 
 
@@ -75,6 +76,7 @@ def test_building_the_default_client_loads_no_rarer_path_but_its_transport() -> 
         ("Cache", "corral.middleware._cache"),
         ("H11Transport", "corral.transports._http11"),
         ("run_job", "corral.batch"),
+        ("Truncate", "corral.core._optional_events"),
     ],
 )
 def test_a_lazy_name_loads_its_module_when_first_used(name: str, module: str) -> None:
