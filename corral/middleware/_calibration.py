@@ -68,7 +68,7 @@ class Calibration:
     KEEP = 64
     TRUST = 16
     #: A window must hold this share of the allowance for its ratio to be a sample.
-    FILLED = 0.25
+    FILLED = 0.1
     #: The quantile of the samples used: high, so that noise errs on the safe side.
     QUANTILE = 0.9
 
