@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,10 +51,16 @@ def run_once(code: str, tree: str | None) -> tuple[float, float]:
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = str(Path(tree).resolve())
+    # ``-c`` puts the working directory first on sys.path: run where no corral tree is
     timed = f"import time as _t\n_s = _t.perf_counter()\n{code}\nprint(_t.perf_counter() - _s)"
     start = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", timed], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", timed],
+        env=env,
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     wall = time.perf_counter() - start
     return float(out.stdout.strip().splitlines()[-1]), wall
