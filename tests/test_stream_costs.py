@@ -14,11 +14,15 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from corral import Client
 from corral.core import _errors as errors
 from corral.core import api_request
 from corral.core._models import Timeouts
+from corral.core._sse import SSEParser
+from corral.core._wire import parse_chunk
 from corral.transports._asyncio_stream import ReadTimedOut, open_asyncio_stream
 from corral.transports._http11 import H11Transport
 from tests import hostile
@@ -182,3 +186,32 @@ async def test_body_read_timeout_still_fires_on_a_stalled_stream() -> None:
         stop.set()
         thread.join(timeout=5)
         server.close()
+
+
+@given(st.binary(max_size=400), st.lists(st.integers(min_value=0), max_size=10))
+def test_feed_data_gives_the_data_of_the_events_feed_gives(raw: bytes, cuts: list[int]) -> None:
+    """A chat stream's parse takes only each event's data (no ``SSEEvent`` per event): for any
+    bytes in any split, the same data as the full events carry."""
+    raw = raw.replace(b"\x00", b"data: x\n\n")  # make events likely among the noise
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    pieces = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
+    full, bare = SSEParser(), SSEParser()
+    events = [e for piece in pieces for e in full.feed(piece)] + full.close()
+    data = [d for piece in pieces for d in bare.feed_data(piece)] + bare.close_data()
+    assert data == [e.data for e in events]
+
+
+def test_chunks_built_from_checked_events_equal_the_checked_path() -> None:
+    """``parse_chunk`` trusting a stream's validation builds what the checking path builds."""
+    payload = {
+        "id": "c",
+        "model": "m",
+        "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None},
+            {"index": 1, "delta": {"tool_calls": [{"id": "t"}]}, "finish_reason": "stop"},
+            {"delta": None},
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+    }
+    assert parse_chunk(payload, checked=True) == parse_chunk(payload)
+    assert parse_chunk(payload).choices[2].index == 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import re
+from typing import Any
 
 import attrs
 
@@ -62,16 +63,29 @@ class SSEParser:
         Raises:
             ResponseTooLarge: a line or an event's data passed ``max_event_size``.
         """
-        return self._text(self._decoder.decode(chunk))
+        return self._text(self._decoder.decode(chunk), full=True)
+
+    def feed_data(self, chunk: bytes) -> list[str]:
+        """The data of each event this chunk completes, for a reader that needs nothing else
+        (a chat stream): the same events as ``feed``, without an object per event."""
+        return self._text(self._decoder.decode(chunk), full=False)
 
     def close(self) -> list[SSEEvent]:
         """End of stream: flushes the decoder. An event with no blank line after it is dropped."""
-        events = self._text(self._decoder.decode(b"", final=True))
+        return self._close(full=True)
+
+    def close_data(self) -> list[str]:
+        """``close`` for a ``feed_data`` reader."""
+        return self._close(full=False)
+
+    def _close(self, *, full: bool) -> list[Any]:
+        events = self._text(self._decoder.decode(b"", final=True), full=full)
         self._partial, self._partial_size = [], 0
         self._data, self._data_size, self._event = [], 0, ""
         return events
 
-    def _text(self, text: str) -> list[SSEEvent]:
+    def _text(self, text: str, *, full: bool) -> list[Any]:
+        """The events ``text`` completes: ``SSEEvent``s if ``full``, else their data."""
         if not text:
             return []
         if self._first:
@@ -88,18 +102,31 @@ class SSEParser:
         else:  # the common case, and str.split is faster than a regex
             lines = text.split("\n")
         tail = lines.pop()  # after the last line end: the start of an unfinished line
-        events: list[SSEEvent] = []
+        events: list[Any] = []
         if lines:
             if self._partial:
                 self._partial.append(lines[0])
                 lines[0] = "".join(self._partial)
                 self._partial, self._partial_size = [], 0
+            limit = self._max
             for line in lines:
-                if len(line) > self._max:
+                if len(line) > limit:
                     raise self._too_large("line")
-                event = self._line(line)
-                if event is not None:
-                    events.append(event)
+                if not line:  # dispatch
+                    data = self._data
+                    if data:
+                        joined = data[0] if len(data) == 1 else "\n".join(data)
+                        if full:
+                            kind, last_id, retry = self._event, self._last_id, self._retry
+                            events.append(SSEEvent(joined, kind or "message", last_id, retry))
+                        else:
+                            events.append(joined)
+                        self._data, self._data_size = [], 0
+                    self._event = ""
+                elif line[:6] == "data: ":  # the common field, without partition
+                    self._add_data(line[6:])
+                else:
+                    self._line(line)
         if tail:
             self._partial.append(tail)
             self._partial_size += len(tail)
@@ -113,19 +140,21 @@ class SSEParser:
             f"an SSE {what} over max_event_size ({self._max} characters)", limit=self._max
         )
 
-    def _line(self, line: str) -> SSEEvent | None:
-        if not line:
-            return self._dispatch()
+    def _add_data(self, value: str) -> None:
+        self._data.append(value)
+        self._data_size += len(value) + 1  # the "\n" that joins it to the next line
+        if self._data_size > self._max + 1:
+            raise self._too_large("event")
+
+    def _line(self, line: str) -> None:
+        """A field line other than ``data: ...`` (or a comment)."""
         if line[0] == ":":
-            return None
+            return
         name, colon, value = line.partition(":")
         if colon and value[:1] == " ":
             value = value[1:]
         if name == "data":
-            self._data.append(value)
-            self._data_size += len(value) + 1  # the "\n" that joins it to the next line
-            if self._data_size > self._max + 1:
-                raise self._too_large("event")
+            self._add_data(value)
         elif name == "event":
             self._event = value
         elif name == "id":
@@ -133,13 +162,3 @@ class SSEParser:
                 self._last_id = value
         elif name == "retry" and value.isascii() and value.isdigit():
             self._retry = int(value)
-        return None
-
-    def _dispatch(self) -> SSEEvent | None:
-        data, event = self._data, self._event
-        self._data, self._data_size, self._event = [], 0, ""
-        if not data:
-            return None
-        return SSEEvent(
-            data="\n".join(data), event=event or "message", id=self._last_id, retry=self._retry
-        )

@@ -236,6 +236,8 @@ def _field_error(what: str, field: str) -> MalformedResponse:
 
 
 def _choices(raw: Any, what: str) -> list[Mapping[str, Any]]:
+    if type(raw) is list and all(type(c) is dict for c in raw):  # decoded JSON: no ABC checks
+        return raw
     if not isinstance(raw, list) or not all(isinstance(c, Mapping) for c in raw):
         raise _field_error(what, "choices")
     return raw
@@ -307,28 +309,34 @@ class ChatChunk:
         return "".join(c.delta.content or "" for c in self.choices)
 
 
-def parse_chunk(data: Mapping[str, Any]) -> ChatChunk:
+def parse_chunk(data: Mapping[str, Any], *, checked: bool = False) -> ChatChunk:
+    """A ``ChatChunk`` from one decoded event (``checked``: its choices were validated)."""
+    raw_choices = data.get("choices", [])
     choices = []
-    for i, raw in enumerate(_choices(data.get("choices", []), "chat chunk")):
-        delta = raw.get("delta") if isinstance(raw.get("delta"), Mapping) else {}
-        assert isinstance(delta, Mapping)
+    for i, raw in enumerate(raw_choices if checked else _choices(raw_choices, "chat chunk")):
+        delta = raw.get("delta")
+        if type(delta) is not dict and not isinstance(delta, Mapping):
+            delta = {}
+        index = raw.get("index")
         calls = delta.get("tool_calls")
-        role, content = delta.get("role"), delta.get("content")
         choices.append(
             ChunkChoice(
-                index=_index(raw, i),
-                delta=Delta(
-                    role=_opt_str(role), content=_opt_str(content), tool_calls=_items(calls)
+                index if type(index) is int else _index(raw, i),
+                Delta(
+                    _opt_str(delta.get("role")),
+                    _opt_str(delta.get("content")),
+                    () if calls is None else _items(calls),
                 ),
-                finish_reason=_opt_str(raw.get("finish_reason")),
+                _opt_str(raw.get("finish_reason")),
             )
         )
+    usage = data.get("usage")
     return ChatChunk(
-        id=_str(data.get("id")),
-        model=_str(data.get("model")),
-        choices=tuple(choices),
-        usage=Usage.parse(data.get("usage")),
-        raw=data,
+        _str(data.get("id")),
+        _str(data.get("model")),
+        tuple(choices),
+        None if usage is None else Usage.parse(usage),
+        data,
     )
 
 
@@ -384,12 +392,12 @@ class StreamParse:
         if sse is None:
             return
         try:
-            events = sse.feed(data)
+            events = sse.feed_data(data)
         except ResponseTooLarge as exc:
             self._sse, self._bad = None, exc
             return
         for event in events:
-            if not self._event(event.data):
+            if not self._event(event):
                 self._sse = None  # [DONE], or a stream it cannot read: nothing more to parse
                 return
 
@@ -397,8 +405,8 @@ class StreamParse:
         """The bytes ended (an event with no blank line after it is dropped, as SSE says)."""
         sse, self._sse = self._sse, None
         if sse is not None:
-            for event in sse.close():
-                if not self._event(event.data):
+            for event in sse.close_data():
+                if not self._event(event):
                     return
 
     def _event(self, data: str) -> bool:
@@ -450,7 +458,7 @@ class StreamParse:
         if not pending:
             return []
         self._chunks = []
-        return [parse_chunk(payload) for payload in pending]
+        return [parse_chunk(payload, checked=True) for payload in pending]
 
     def error(self, secrets: Iterable[str] = ()) -> CorralError | None:
         """What was wrong with the stream, as the reader's typed error, or None.
