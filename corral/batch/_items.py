@@ -10,17 +10,18 @@ from __future__ import annotations
 import codecs
 import hashlib
 import heapq
+import tempfile
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import attrs
 
 from corral.core import _jsonlib as jsonlib
 
-__all__ = ["BadLine", "BatchItem", "IdSet", "id_hash", "read_items"]
+__all__ = ["BadLine", "BatchItem", "DuplicateCheck", "IdSet", "id_hash", "read_items"]
 
 _ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
 
@@ -108,26 +109,30 @@ def id_hash(custom_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little")
 
 
+_RUN = 65536
+
+
 class IdSet:
     """A compact set of custom_ids (8 bytes each) for a million-line batch."""
 
     def __init__(self) -> None:
         self._pending = array("Q")
+        self._runs: list[array[int]] = []
         self._sorted = array("Q")
 
     def add(self, custom_id: str) -> None:
         self._pending.append(id_hash(custom_id))
+        if len(self._pending) >= _RUN:  # sorted as they come: the ids are held twice at most
+            self._runs.append(array("Q", sorted(self._pending)))
+            self._pending = array("Q")
 
     def _settle(self) -> None:
-        """Merge the pending hashes in, sorting 64k at a time: a million ids never become a
-        million Python ints at once."""
-        if not self._pending:
+        """Merge the sorted runs in: a million ids never become a million Python ints at
+        once."""
+        if not self._pending and not self._runs:
             return
-        pending = self._pending
-        runs = [self._sorted] + [
-            array("Q", sorted(pending[i : i + 65536])) for i in range(0, len(pending), 65536)
-        ]
-        self._pending = array("Q")
+        runs = [self._sorted, *self._runs, array("Q", sorted(self._pending))]
+        self._pending, self._runs = array("Q"), []
         self._sorted = array("Q", heapq.merge(*runs))
 
     def __contains__(self, custom_id: object) -> bool:
@@ -147,3 +152,78 @@ class IdSet:
         self._settle()
         s = self._sorted
         return {s[i] for i in range(1, len(s)) if s[i] == s[i - 1]}
+
+
+_MASK = (1 << 64) - 1
+
+
+def _check_hash(custom_id: str) -> int:
+    """The process's own string hash (cached on the string, unlike blake2b), as 64 bits:
+    good enough to find suspects, which are then compared exactly."""
+    return hash(custom_id) & _MASK
+
+
+class DuplicateCheck:
+    """Finds the custom_ids an input holds more than once, in memory that does not grow with
+    the input: 8-byte hashes go to 256 buckets by their top byte, the buckets move to a
+    temporary file every ``held`` hashes, and each bucket is checked on its own at the end.
+    Equal hashes are suspects, not verdicts: ``duplicates`` compares the suspects' ids."""
+
+    def __init__(self, *, held: int = 1 << 20) -> None:
+        self._held = held
+        self._buckets = [array("Q") for _ in range(256)]
+        self._spilled: list[list[tuple[int, int]]] = [[] for _ in range(256)]
+        self._file: IO[bytes] | None = None
+        self._count = self._in_memory = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, custom_id: str) -> None:
+        h = _check_hash(custom_id)
+        self._buckets[h >> 56].append(h)
+        self._count += 1
+        self._in_memory += 1
+        if self._in_memory >= self._held:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        for bucket, extents in zip(self._buckets, self._spilled, strict=True):
+            if bucket:
+                extents.append((self._file.tell(), len(bucket)))
+                bucket.tofile(self._file)
+                del bucket[:]
+        self._in_memory = 0
+
+    def _bucket(self, index: int) -> array[int]:
+        hashes = array("Q")
+        if self._file is not None:
+            for offset, count in self._spilled[index]:
+                self._file.seek(offset)
+                hashes.fromfile(self._file, count)
+        hashes.extend(self._buckets[index])
+        return hashes
+
+    def suspects(self) -> set[int]:
+        """Hashes seen more than once (equal ids, or rarely unequal ids that collide)."""
+        found: set[int] = set()
+        for index in range(256):
+            hashes = self._bucket(index)
+            seen = set(hashes)
+            if len(seen) != len(hashes):
+                for h in hashes:
+                    if h in seen:
+                        seen.discard(h)
+                    else:
+                        found.add(h)
+        return found
+
+    def is_suspect(self, custom_id: str, suspects: set[int]) -> bool:
+        return _check_hash(custom_id) in suspects
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -26,8 +26,9 @@ import anyio
 import attrs
 
 from corral._client import Client
+from corral._clock import current_time
 from corral.batch._health import Hold, ProviderHealth, Requeue, StopRun, WriteFailure
-from corral.batch._items import BadLine, BatchItem, IdSet, id_hash, read_items
+from corral.batch._items import BadLine, BatchItem, DuplicateCheck, IdSet, id_hash, read_items
 from corral.batch._store import OutputError, OutputWriter, ScanResult, scan_output
 from corral.core import _jsonlib as jsonlib
 from corral.core._errors import CorralError, InvalidInput, MalformedResponse
@@ -97,39 +98,55 @@ def preflight(options: BatchOptions, *, keep_bad: int = 20) -> Preflight:
     """One streaming pass before anything is sent: count, validate, refuse duplicate ids."""
     if not options.input.exists():
         raise InvalidInput(f"{options.input}: no such input file")
-    ids = IdSet()
+    ids = DuplicateCheck()
     total = bad_count = size = 0
     positional = False
     bad: list[BadLine] = []
     hasher = hashlib.blake2b(digest_size=16)
-    for item in read_items(options.input, hasher=hasher):
-        custom_id = item.record_id if isinstance(item, BadLine) else item.custom_id
-        positional = positional or custom_id == f"line-{item.line}"
-        if options.mine(custom_id):
-            total += 1
-        ids.add(custom_id)
-        if isinstance(item, BadLine):
-            bad_count += 1
-            if len(bad) < keep_bad:
-                bad.append(item)
-    size = options.input.stat().st_size
-    dupes = ids.duplicates()
-    if dupes:
-        where = [
-            f"{options.input}:{item.line} ({cid})"
-            for item in read_items(options.input)
-            if id_hash(cid := _item_id(item)) in dupes
-        ]
-        raise InvalidInput(
-            f"duplicate custom_id values, nothing was sent: {', '.join(where[:10])}"
-            + (f" and {len(where) - 10} more" if len(where) > 10 else "")
-        )
+    try:
+        for item in read_items(options.input, hasher=hasher):
+            custom_id = item.record_id if isinstance(item, BadLine) else item.custom_id
+            positional = positional or custom_id == f"line-{item.line}"
+            if options.mine(custom_id):
+                total += 1
+            ids.add(custom_id)
+            if isinstance(item, BadLine):
+                bad_count += 1
+                if len(bad) < keep_bad:
+                    bad.append(item)
+        size = options.input.stat().st_size
+        suspects = ids.suspects()
+        if suspects:
+            _refuse_duplicates(options.input, ids, suspects)
+    finally:
+        ids.close()
     if options.strict and bad_count:
         first = "; ".join(f"{b.where(options.input)}: {b.reason}" for b in bad[:5])
         raise InvalidInput(f"--strict: {bad_count} bad line(s), nothing was sent: {first}")
     if len(ids) == 0:
         raise InvalidInput(f"{options.input}: the input holds no requests (it is empty)")
     return Preflight(total, tuple(bad), bad_count, hasher.hexdigest(), size, positional)
+
+
+def _refuse_duplicates(source: Path, ids: DuplicateCheck, suspects: set[int]) -> None:
+    """Compare the ids whose hashes collided (a second pass); refuse the input if any are
+    equal. Unequal ids that merely share a hash pass."""
+    lines: dict[str, list[int]] = {}
+    for item in read_items(source):
+        custom_id = _item_id(item)
+        if ids.is_suspect(custom_id, suspects):
+            lines.setdefault(custom_id, []).append(item.line)
+    twice = {cid for cid, found in lines.items() if len(found) > 1}
+    if not twice:
+        return
+    where = [
+        f"{source}:{line} ({cid})"
+        for line, cid in sorted((n, cid) for cid in twice for n in lines[cid])
+    ]
+    raise InvalidInput(
+        f"duplicate custom_id values, nothing was sent: {', '.join(where[:10])}"
+        + (f" and {len(where) - 10} more" if len(where) > 10 else "")
+    )
 
 
 def _item_id(item: BatchItem | BadLine) -> str:
@@ -227,6 +244,9 @@ class BatchRunner:
         self._probe: BatchItem | None = None
         self._stopping = False
         self._changed = anyio.Event()
+        #: Workers waiting on ``_changed``: with none, a finished line wakes nobody.
+        self._waiters = 0
+        self._paths: dict[str, str] = {}
         self._stop_event = anyio.Event()
         self._run_scope: anyio.CancelScope | None = None
         self._workers_scope: anyio.CancelScope | None = None
@@ -254,13 +274,25 @@ class BatchRunner:
             self._workers_scope.deadline = anyio.current_time() + self.options.grace
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._waiters:
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def _wait_for_change(self) -> None:
+        self._waiters += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiters -= 1
 
     def _path(self, url: str) -> str:
-        if self.client.base_url.rstrip("/").endswith("/v1") and url.startswith("/v1/"):
-            return url[3:]
-        return url
+        path = self._paths.get(url)
+        if path is None:
+            path = url
+            if self.client.base_url.rstrip("/").endswith("/v1") and url.startswith("/v1/"):
+                path = url[3:]
+            self._paths[url] = path
+        return path
 
     async def run(
         self, pre: Preflight | None = None, scan: ScanResult | None = None
@@ -312,7 +344,7 @@ class BatchRunner:
             if self.in_flight == 0:
                 self._notify()  # wake the others: nothing more will come
                 return None
-            await self._changed.wait()
+            await self._wait_for_change()
         return None
 
     def _pop_requeued(self) -> BatchItem | None:
@@ -327,7 +359,7 @@ class BatchRunner:
     async def _take_probe_turn(self) -> bool:
         """In an outage one worker at a time waits out the backoff and sends a probe."""
         if self._prober:
-            await self._changed.wait()
+            await self._wait_for_change()
             return False
         expired = self.health.outage_expired(anyio.current_time())
         if expired is not None:
@@ -346,12 +378,15 @@ class BatchRunner:
         return True
 
     def _next_input(self) -> BatchItem | None:
-        report, source = self.report, self.options.input
+        report, source, options = self.report, self.options.input, self.options
+        sharded, done = options.shard is not None, self._done if len(self._done) else None
         for item in self._source:
+            if type(item) is BatchItem and not sharded and done is None:
+                return item  # the common case, without a look-up
             custom_id = _item_id(item)
-            if not self.options.mine(custom_id):
+            if sharded and not options.mine(custom_id):
                 continue
-            if custom_id in self._done:
+            if done is not None and custom_id in done:
                 report.skipped += 1
                 continue
             if isinstance(item, BadLine):
@@ -363,20 +398,28 @@ class BatchRunner:
             return item
         return None
 
-    async def _send(self, item: BatchItem) -> None:
-        body = dict(item.body)
-        if body.pop("stream", None):
+    def _body(self, item: BatchItem) -> Mapping[str, Any]:
+        """The body to send: the line's own, unless it asks for a stream or ``--model`` swaps
+        the model (then a copy, so a requeued line is sent as written)."""
+        body = item.body
+        if "stream" not in body and not self.options.model:
+            return body
+        copy = dict(body)
+        if copy.pop("stream", None):
             # A Batch output record holds one chat.completion; a stream would be paid for
             # and then not fit, so the line is sent whole.
-            body.pop("stream_options", None)
+            copy.pop("stream_options", None)
         if self.options.model:
-            body["model"] = self.options.model
+            copy["model"] = self.options.model
+        return copy
+
+    async def _send(self, item: BatchItem) -> None:
         request = self.client.build_request(
-            self._path(item.url), body, labels={"custom_id": item.custom_id}
+            self._path(item.url), self._body(item), labels={"custom_id": item.custom_id}
         )
         self.report.sent += 1
-        struck_at = self._strikes.pop(item.custom_id, None)
-        started = anyio.current_time()
+        struck_at = self._strikes.pop(item.custom_id, None) if self._strikes else None
+        started = current_time()
         self.in_flight += 1
         error: CorralError | None = None
         try:
@@ -407,7 +450,7 @@ class BatchRunner:
         started: float,
         struck_at: float | None,
     ) -> None:
-        now = anyio.current_time()
+        now = current_time()
         if error is None:
             if self.health.on_success(now, started):
                 self.waiting_since = None
