@@ -19,7 +19,7 @@ from corral.core._errors import DeadlineExceeded
 from corral.core._models import Request, Response
 from corral.middleware._checks import finite, optional
 
-__all__ = ["Deadline", "DeadlineConfig", "effective_deadline"]
+__all__ = ["Deadline", "DeadlineConfig"]
 
 
 @attrs.frozen
@@ -27,14 +27,6 @@ class DeadlineConfig:
     """Seconds a call may take in all (None: only the call's own deadline, if it has one)."""
 
     timeout: float | None = attrs.field(default=None, validator=optional(finite(open_below=True)))
-
-
-def effective_deadline(now: float, timeout: float | None, existing: float | None) -> float | None:
-    """The earlier of the call's own deadline and ``now + timeout``."""
-    candidates = [
-        d for d in (existing, None if timeout is None else now + timeout) if d is not None
-    ]
-    return min(candidates) if candidates else None
 
 
 class Deadline:
@@ -50,19 +42,23 @@ class Deadline:
         """Give the call the earlier of its own deadline and ``timeout`` from now; past it the
         layers below are cancelled and ``DeadlineExceeded`` is raised."""
         now = current_time()
-        deadline = effective_deadline(now, self.config.timeout, request.options.deadline)
-        if deadline is None:
+        timeout = self.config.timeout
+        deadline = request.options.deadline
+        if timeout is not None and (deadline is None or now + timeout < deadline):
+            deadline = now + timeout
+            request = request.with_deadline(deadline)
+        elif deadline is None:
             return await call_next(request)
         if deadline <= now:
             raise DeadlineExceeded("the call's deadline had passed before it started")
-        request = request.with_deadline(deadline)
-        try:
-            with anyio.fail_after(deadline - now):
-                response = await call_next(request)
-        except TimeoutError:
+        # One scope at an absolute time (no fail_after wrapper and its clock read); only its own
+        # expiry is the deadline's, a TimeoutError from inside passes as it is.
+        with anyio.CancelScope(deadline=deadline) as scope:
+            response = await call_next(request)
+        if scope.cancelled_caught:
             raise DeadlineExceeded(
                 f"the call did not finish within its deadline ({deadline - now:.3g}s)"
-            ) from None
+            )
         if response.stream is None:
             return response
         return attrs.evolve(response, stream=DeadlineStream(response.stream, deadline))
