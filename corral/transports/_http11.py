@@ -48,6 +48,7 @@ from corral.transports._base import (
     scrub,
     split_url,
 )
+from corral.transports._chunked import ChunkedDecoder
 
 __all__ = ["BodySource", "H11Transport"]
 
@@ -211,6 +212,8 @@ class H11Transport:
                 first_byte = self._clock()
                 check_head(status, headers, self._max_response_bytes)
                 body = _Body(lease, timeouts, request.headers, self._max_response_bytes)
+                if _chunked(request.method, status, headers):
+                    body.decode_chunks()
                 if request.options.stream:
                     return Response(
                         status, headers, stream=body, timing=Timing(started, first_byte)
@@ -332,15 +335,20 @@ class H11Transport:
             await conn.aclose()
 
     async def _put_back(self, conn: _Connection, reusable: bool) -> None:
-        if (
+        machine = conn.h11
+        if reusable and not conn.closed and not self._closed and machine.our_state is h11.IDLE:
+            # A body the chunked decoder read: it replaced h11 with a fresh one at its clean end.
+            conn.idle_since = self._clock()
+            self._idle.setdefault(conn.origin, []).append(conn)
+        elif (
             reusable
             and not conn.closed
             and not self._closed
-            and conn.h11.our_state is h11.DONE
-            and conn.h11.their_state is h11.DONE
-            and not any(conn.h11.trailing_data)  # bytes past the response, or EOF: never reuse
+            and machine.our_state is h11.DONE
+            and machine.their_state is h11.DONE
+            and not any(machine.trailing_data)  # bytes past the response, or EOF: never reuse
         ):
-            conn.h11.start_next_cycle()
+            machine.start_next_cycle()
             conn.idle_since = self._clock()
             self._idle.setdefault(conn.origin, []).append(conn)
         else:
@@ -443,10 +451,15 @@ class H11Transport:
         await self._write(conn, end, timeouts, watch)
 
     async def _receive(
-        self, conn: _Connection, *, stale_ok: bool = False, within: float | None = None
+        self,
+        conn: _Connection,
+        *,
+        stale_ok: bool = False,
+        within: float | None = None,
+        sink: Callable[[bytes], None] | None = None,
     ) -> bytes:
-        """One read into ``conn``'s h11; ``within`` (an ``AsyncioStream`` only) times it out
-        with ``ReadTimedOut``."""
+        """One read into ``conn``'s h11 (or ``sink``); ``within`` (an ``AsyncioStream`` only)
+        times it out with ``ReadTimedOut``."""
         try:
             if within is not None:
                 assert isinstance(conn.stream, AsyncioStream)
@@ -463,7 +476,7 @@ class H11Transport:
         if not chunk and stale_ok:
             await self._discard(conn)
             raise _Stale
-        conn.h11.receive_data(chunk)
+        (conn.h11.receive_data if sink is None else sink)(chunk)
         return chunk
 
 
@@ -476,6 +489,15 @@ def _on_asyncio() -> bool:
 
 
 _CUT_SHORT = "response body cut short or malformed"
+_CHUNKED_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE"))
+
+
+def _chunked(method: str, status: int, headers: Headers) -> bool:
+    """Is this a chunked body by h11's framing rules? (h11 has already refused any
+    transfer-encoding but ``chunked``; HEAD, CONNECT, 204 and 304 have no body.)"""
+    return (
+        method in _CHUNKED_METHODS and status not in (204, 304) and "transfer-encoding" in headers
+    )
 
 
 def _body_timeout(read: float | None) -> errors.ReadTimeout:
@@ -510,6 +532,7 @@ class _Body:
         self._limit = BodyLimit(max_bytes)
         self._pending: object = None  # the event h11 gave after the data it joined
         self._error: errors.CorralError | None = None  # found while joining: raised next
+        self._chunks: ChunkedDecoder | None = None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._stream()
@@ -545,6 +568,8 @@ class _Body:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+        if self._chunks is not None:
+            return await self._next_decoded(self._chunks, watch)
         conn = self._conn
         while not self._lease.done:
             event, self._pending = self._pending or _next_event(conn, _CUT_SHORT), None
@@ -556,6 +581,35 @@ class _Body:
                 await self._lease.finish(reusable=True)
             else:
                 raise _closed_early(event)
+        return None
+
+    def decode_chunks(self) -> None:
+        """Read this (chunked) body with ``ChunkedDecoder`` rather than h11's event per chunk,
+        starting from the bytes h11 received past the head."""
+        decoder = self._chunks = ChunkedDecoder()
+        data, closed = self._conn.h11.trailing_data
+        if data:
+            decoder.feed(data)
+        if closed:
+            decoder.feed(b"")
+
+    async def _next_decoded(
+        self, decoder: ChunkedDecoder, watch: PhaseWatch | None
+    ) -> bytes | None:
+        while not self._lease.done:
+            data = decoder.take()
+            if data:
+                self._limit.add(len(data))
+                return data
+            if decoder.error is not None:
+                raise decoder.error
+            if decoder.done:
+                clean = not decoder.eof and not decoder.leftover
+                if clean:
+                    self._conn.h11 = h11.Connection(h11.CLIENT)  # the next exchange's
+                await self._lease.finish(reusable=clean)
+                return None
+            await self._read(watch, decoder.feed)
         return None
 
     def _gather(self, first: bytes) -> bytes:
@@ -579,20 +633,22 @@ class _Body:
             self._pending = event
         return first if len(pieces) == 1 else b"".join(pieces)
 
-    async def _read(self, watch: PhaseWatch | None) -> None:
+    async def _read(
+        self, watch: PhaseWatch | None, sink: Callable[[bytes], None] | None = None
+    ) -> None:
         conn, transport, read = self._conn, self._lease.transport, self._timeouts.read
         if watch is not None:
             watch.start("read", read)
-            await transport._receive(conn)
+            await transport._receive(conn, sink=sink)
         elif isinstance(conn.stream, AsyncioStream):
             try:
-                await transport._receive(conn, within=read)
+                await transport._receive(conn, within=read, sink=sink)
             except ReadTimedOut:
                 raise _body_timeout(read) from None
         else:
             try:
                 with anyio.fail_after(read):
-                    await transport._receive(conn)
+                    await transport._receive(conn, sink=sink)
             except TimeoutError:
                 raise _body_timeout(read) from None
 
