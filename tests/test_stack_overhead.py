@@ -3,15 +3,12 @@ is measured in benchmarks/stack_overhead.py; these check what the cheaper code s
 
 from __future__ import annotations
 
-from urllib.parse import SplitResult
-
 import anyio
 import pytest
 import trio.testing
 
 from corral.core import Request, Response, api_request, build_stack, errors
 from corral.core._models import RequestOptions
-from corral.middleware import _breaker as breaker
 from corral.middleware._deadline import Deadline
 from corral.transports import MemoryTransport
 
@@ -77,18 +74,3 @@ async def test_the_call_s_own_earlier_deadline_wins_and_reaches_inner_layers() -
     await build_stack([Deadline(600.0), look], MemoryTransport(ok))(chat())
     assert seen[0] == now + 5
     assert seen[1] is not None and now + 599 < seen[1] <= anyio.current_time() + 600
-
-
-def test_the_breaker_key_parses_each_url_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``by_host`` runs on every call; a client sends to a handful of URLs, so it remembers."""
-    parsed: list[str] = []
-    real = breaker.urlsplit
-
-    def counting(url: str) -> SplitResult:
-        parsed.append(url)
-        return real(url)
-
-    monkeypatch.setattr(breaker, "urlsplit", counting)
-    request = api_request("http://once.example:8080/v1", "/chat/completions", {}, api_key="k")
-    assert [breaker.by_host(request) for _ in range(5)] == ["once.example:8080"] * 5
-    assert parsed == ["http://once.example:8080/v1/chat/completions"]

@@ -17,7 +17,6 @@ Shell: ``CircuitBreaker`` raises ``CircuitOpen`` on a refusal and emits ``Breake
 from __future__ import annotations
 
 import enum
-import functools
 from collections import deque
 from collections.abc import Callable
 from typing import Literal
@@ -201,14 +200,8 @@ class BreakerPolicy:
 
 
 def by_host(request: Request) -> str:
-    """The circuit key of a call: its URL's host and port."""
-    return _netloc(request.url)
-
-
-@functools.lru_cache(maxsize=256)
-def _netloc(url: str) -> str:
-    # Every call asks; a client sends to a handful of URLs, and urlsplit is ~5 µs.
-    return urlsplit(url).netloc
+    """The circuit key of a call: its URL's host and port (``urlsplit`` caches its answers)."""
+    return urlsplit(request.url).netloc
 
 
 class CircuitBreaker:
