@@ -170,10 +170,12 @@ class OutputWriter:
 
     def write(self, line: bytes) -> None:
         """Write the whole line or none of it: a short write is finished or cut back off."""
-        view = memoryview(line)
         try:
-            while view:
-                view = view[os.write(self._fd, view) :]
+            written = os.write(self._fd, line)
+            if written < len(line):  # rare: finish it (or fail and cut it back)
+                view = memoryview(line)[written:]
+                while view:
+                    view = view[os.write(self._fd, view) :]
         except OSError as exc:
             self._cut_back()
             raise OutputError(
