@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -115,7 +116,7 @@ async def test_stream_chat_arms_no_timer_per_chunk(burst_server: str) -> None:
         with anyio.fail_after(10):
             async for _ in client.stream_chat([]):  # warm: the connection is open
                 pass
-            loop.call_at = counting  # type: ignore[method-assign]
+            loop.call_at = counting  # type: ignore[method-assign,assignment]
             try:
                 texts = [chunk.text async for chunk in client.stream_chat([])]
             finally:
@@ -218,3 +219,24 @@ def test_chunks_built_from_checked_events_equal_the_checked_path() -> None:
     }
     assert parse_chunk(payload, checked=True) == parse_chunk(payload)
     assert parse_chunk(payload).choices[2].index == 2
+
+
+def test_a_streamed_chunk_builds_its_choices_only_when_asked() -> None:
+    """``text`` reads the event's JSON: one object per chunk for a caller that wants the text;
+    ``choices`` are built on first use, equal to the eager ones, and the chunk stays frozen."""
+    payload = {
+        "id": "c",
+        "model": "m",
+        "choices": [
+            {"index": 0, "delta": {"content": "a"}},
+            {"index": 1, "delta": {"content": "b", "role": "assistant"}},
+            {"index": 2, "delta": {"content": None}},
+        ],
+    }
+    lazy = parse_chunk(payload, checked=True)
+    assert lazy.text == "ab" and lazy._choices is None
+    assert lazy.choices == parse_chunk(payload).choices and lazy._choices is not None
+    assert lazy.text == "ab" and lazy == parse_chunk(payload)
+    assert hash(lazy) == hash(parse_chunk(payload))
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        lazy.id = "other"

@@ -291,27 +291,90 @@ class ChunkChoice:
     finish_reason: str | None
 
 
-@attrs.frozen
 class ChatChunk:
     """One decoded chunk of a streamed chat completion; ``usage`` is set only on the chunk that
-    carries it."""
+    carries it.
+
+    Immutable, compared by ``id``, ``model``, ``choices`` and ``usage`` (not ``raw``). A chunk
+    from a stream builds its ``choices`` on first use: ``text`` reads the event's JSON
+    directly, so a caller that only wants the text pays for one object per chunk, not three.
+    """
+
+    __slots__ = ("_choices", "id", "model", "raw", "usage")
 
     id: str
     model: str
-    choices: tuple[ChunkChoice, ...]
     usage: Usage | None
-    raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
+    raw: Mapping[str, Any]
+    _choices: tuple[ChunkChoice, ...] | None
+
+    def __init__(
+        self,
+        id: str,
+        model: str,
+        choices: tuple[ChunkChoice, ...] | None,
+        usage: Usage | None,
+        raw: Mapping[str, Any],
+    ) -> None:
+        _set(self, "id", id)
+        _set(self, "model", model)
+        _set(self, "_choices", choices)
+        _set(self, "usage", usage)
+        _set(self, "raw", raw)
+
+    @property
+    def choices(self) -> tuple[ChunkChoice, ...]:
+        """The chunk's choices, each with its delta (built on first use)."""
+        choices = self._choices
+        if choices is None:
+            choices = _chunk_choices(self.raw.get("choices", []), checked=True)
+            _set(self, "_choices", choices)
+        return choices
 
     @property
     def text(self) -> str:
         """The content this chunk adds, all choices joined ("" for a role-only or usage-only
         chunk)."""
-        return "".join(c.delta.content or "" for c in self.choices)
+        if self._choices is not None:
+            return "".join(c.delta.content or "" for c in self._choices)
+        texts = []
+        for choice in self.raw.get("choices", ()):
+            delta = choice.get("delta")
+            if type(delta) is dict or isinstance(delta, Mapping):
+                content = delta.get("content")
+                if content and isinstance(content, str):
+                    texts.append(content)
+        return texts[0] if len(texts) == 1 else "".join(texts)
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.id, self.model, self.choices, self.usage)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not ChatChunk:
+            return NotImplemented
+        assert isinstance(other, ChatChunk)
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"ChatChunk(id={self.id!r}, model={self.model!r}, choices={self.choices!r}, "
+            f"usage={self.usage!r})"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise attrs.exceptions.FrozenInstanceError
+
+    def __delattr__(self, name: str) -> None:
+        raise attrs.exceptions.FrozenInstanceError
 
 
-def parse_chunk(data: Mapping[str, Any], *, checked: bool = False) -> ChatChunk:
-    """A ``ChatChunk`` from one decoded event (``checked``: its choices were validated)."""
-    raw_choices = data.get("choices", [])
+_set = object.__setattr__
+
+
+def _chunk_choices(raw_choices: Any, *, checked: bool) -> tuple[ChunkChoice, ...]:
     choices = []
     for i, raw in enumerate(raw_choices if checked else _choices(raw_choices, "chat chunk")):
         delta = raw.get("delta")
@@ -330,11 +393,17 @@ def parse_chunk(data: Mapping[str, Any], *, checked: bool = False) -> ChatChunk:
                 _opt_str(raw.get("finish_reason")),
             )
         )
+    return tuple(choices)
+
+
+def parse_chunk(data: Mapping[str, Any], *, checked: bool = False) -> ChatChunk:
+    """A ``ChatChunk`` from one decoded event. ``checked``: the event's choices were validated
+    (by the stream's parse), so they are built only when asked for."""
     usage = data.get("usage")
     return ChatChunk(
         _str(data.get("id")),
         _str(data.get("model")),
-        tuple(choices),
+        None if checked else _chunk_choices(data.get("choices", []), checked=False),
         None if usage is None else Usage.parse(usage),
         data,
     )
