@@ -11,7 +11,7 @@ a different task" and trio as ``TrioInternalError`` (PEP 789 tells the story).
 from __future__ import annotations
 
 import collections
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, NoReturn
 
@@ -81,6 +81,7 @@ class MapRun:
         if concurrency < 1:
             raise errors.InvalidInput(f"map concurrency must be at least 1, not {concurrency}")
         self._call, self._bodies, self._ordered = call, bodies, ordered
+        self._concurrency = concurrency
         self._slots = anyio.Semaphore(concurrency)
         self._send, self._receive = anyio.create_memory_object_stream[MapResult](concurrency)
         self._tg: TaskGroup | None = None
@@ -118,18 +119,39 @@ class MapRun:
             self._receive.close()
 
     async def _produce(self) -> None:
+        """Up to ``concurrency`` workers, each started with its first item, then taking the
+        next from the shared iterator: a task per worker, not per item (a task and a
+        semaphore hand-off cost more than a cache hit)."""
+        bodies = enumerate(self._bodies)
         async with self._send, anyio.create_task_group() as tg:
-            for index, body in enumerate(self._bodies):
-                await self._slots.acquire()
-                tg.start_soon(self._one, index, body, name=f"corral-map-{index}")
+            for worker in range(self._concurrency):
+                first = await self._take(bodies)
+                if first is None:
+                    break
+                tg.start_soon(self._work, bodies, first, name=f"corral-map-{worker}")
 
-    async def _one(self, index: int, body: Mapping[str, Any]) -> None:
-        try:
+    async def _take(
+        self, bodies: Iterator[tuple[int, Mapping[str, Any]]]
+    ) -> tuple[int, Mapping[str, Any]] | None:
+        """The next item, or None. Ordered, a slot is taken first (the consumer frees it), so
+        the items started are always a prefix of the input."""
+        if self._ordered:
+            await self._slots.acquire()
+        item = next(bodies, None)
+        if item is None and self._ordered:
+            self._slots.release()
+        return item
+
+    async def _work(
+        self,
+        bodies: Iterator[tuple[int, Mapping[str, Any]]],
+        item: tuple[int, Mapping[str, Any]] | None,
+    ) -> None:
+        while item is not None:
+            index, body = item
             try:
                 outcome = MapResult(index, await self._call(body), None)
             except errors.CorralError as exc:
                 outcome = MapResult(index, None, exc)
             await self._send.send(outcome)
-        finally:
-            if not self._ordered:
-                self._slots.release()
+            item = await self._take(bodies)
