@@ -19,7 +19,7 @@ import anyio
 if TYPE_CHECKING:
     from asyncio import AbstractEventLoop
 
-__all__ = ["current_time"]
+__all__ = ["current_time", "running_loop"]
 
 
 def current_time() -> float:
@@ -33,6 +33,11 @@ def current_time() -> float:
     if loop is not None:
         return loop.time()
     return _trio_clock()()
+
+
+def running_loop() -> AbstractEventLoop | None:
+    """The running asyncio loop, or None (under trio, or outside any loop); never raises."""
+    return _running_loop()
 
 
 def _asyncio_not_loaded() -> AbstractEventLoop | None:

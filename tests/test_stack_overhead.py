@@ -74,3 +74,61 @@ async def test_the_call_s_own_earlier_deadline_wins_and_reaches_inner_layers() -
     await build_stack([Deadline(600.0), look], MemoryTransport(ok))(chat())
     assert seen[0] == now + 5
     assert seen[1] is not None and now + 599 < seen[1] <= anyio.current_time() + 600
+
+
+def test_calls_sharing_the_timer_are_each_cut_at_their_own_deadline() -> None:
+    """asyncio: calls that hang, started at different times among calls that answer, each end
+    with ``DeadlineExceeded``, none before its own 0.2 s (the shared timer moves from one
+    deadline to the next); the ones that answer are untouched and nothing stays registered."""
+    layer = Deadline(0.2)
+    outcomes: dict[int, tuple[str, float]] = {}
+
+    async def maybe_hang(request: Request) -> Response:
+        if request.options.labels["i"] in {"1", "3", "4"}:
+            await anyio.sleep_forever()
+        return ok(request)
+
+    stack = build_stack([layer], MemoryTransport(maybe_hang))
+
+    async def one(i: int) -> None:
+        started = anyio.current_time()
+        try:
+            await stack(chat().with_options(labels={"i": str(i)}))
+            outcomes[i] = ("ok", anyio.current_time() - started)
+        except errors.DeadlineExceeded:
+            outcomes[i] = ("deadline", anyio.current_time() - started)
+
+    async def main() -> None:
+        with anyio.fail_after(10):  # bounded: a lost timer would hang here instead
+            async with anyio.create_task_group() as tg:
+                for i in range(6):
+                    tg.start_soon(one, i)
+                    await anyio.sleep(0.05)
+
+    anyio.run(main, backend="asyncio")
+    assert {i: kind for i, (kind, _) in outcomes.items()} == {
+        0: "ok",
+        1: "deadline",
+        2: "ok",
+        3: "deadline",
+        4: "deadline",
+        5: "ok",
+    }
+    assert all(took >= 0.2 for kind, took in outcomes.values() if kind == "deadline")
+    assert layer._watch is not None and layer._watch.scopes == {}
+
+
+def test_one_deadline_layer_serves_successive_event_loops() -> None:
+    layer = Deadline(0.1)
+
+    async def hang(_: Request) -> Response:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def main() -> None:
+        with anyio.fail_after(10), pytest.raises(errors.DeadlineExceeded):
+            await build_stack([layer], MemoryTransport(hang))(chat())
+        assert await build_stack([layer], MemoryTransport(ok))(chat()) is not None
+
+    for backend in ("asyncio", "asyncio", "trio", "asyncio"):
+        anyio.run(main, backend=backend)

@@ -5,19 +5,31 @@ after it); this shell cancels whatever is still running when it passes. A stream
 still arriving when the call returns its response, so the shell wraps it in a
 ``DeadlineStream``: the deadline bounds the whole call, body included. Times are on the event
 loop's clock (``corral._clock.current_time``).
+
+Most of a cancel scope's cost is its timer (one ``call_at`` and its cancellation per call on
+asyncio), and almost every call ends long before a deadline of minutes. So on asyncio the calls
+that take the layer's own timeout share one timer (``_Watch``): their deadlines come in the order
+the calls start, the timer waits for the oldest call still running, and when it fires it cancels
+every call past its deadline and waits for the next. A call that brings an earlier deadline of
+its own, and every call under trio (whose deadlines are cheap), gets a scope with its deadline.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import anyio
 import attrs
 
-from corral._clock import current_time
+from corral._clock import current_time, running_loop
 from corral._streams import DeadlineStream
 from corral.core._compose import Handler
 from corral.core._errors import DeadlineExceeded
 from corral.core._models import Request, Response
 from corral.middleware._checks import finite, optional
+
+if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop, TimerHandle
 
 __all__ = ["Deadline", "DeadlineConfig"]
 
@@ -29,6 +41,36 @@ class DeadlineConfig:
     timeout: float | None = attrs.field(default=None, validator=optional(finite(open_below=True)))
 
 
+class _Watch:
+    """The calls running under one ``Deadline`` on one asyncio loop, by deadline (= by start),
+    and one timer at the deadline of the oldest."""
+
+    __slots__ = ("loop", "scopes", "timer")
+
+    def __init__(self, loop: AbstractEventLoop) -> None:
+        self.loop = loop
+        self.scopes: dict[anyio.CancelScope, float] = {}  # insertion order is deadline order
+        self.timer: TimerHandle | None = None
+
+    def add(self, scope: anyio.CancelScope, deadline: float) -> None:
+        self.scopes[scope] = deadline
+        if self.timer is None:
+            self.timer = self.loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        scopes = self.scopes
+        while scopes:
+            scope = next(iter(scopes))
+            deadline = scopes[scope]
+            if deadline > now:  # the oldest call still running: wait for it
+                self.timer = self.loop.call_at(deadline, self._expire)
+                return
+            del scopes[scope]
+            scope.cancel()
+
+
 class Deadline:
     """Middleware: give each call at most ``timeout`` seconds in total (all retries included).
 
@@ -37,6 +79,7 @@ class Deadline:
 
     def __init__(self, timeout: float | None = None) -> None:
         self.config = DeadlineConfig(timeout)
+        self._watch: _Watch | None = None
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         """Give the call the earlier of its own deadline and ``timeout`` from now; past it the
@@ -44,17 +87,30 @@ class Deadline:
         now = current_time()
         timeout = self.config.timeout
         deadline = request.options.deadline
+        watch = None
         if timeout is not None and (deadline is None or now + timeout < deadline):
             deadline = now + timeout
             request = request.with_deadline(deadline)
+            loop = running_loop()
+            if loop is not None:
+                watch = self._watch
+                if watch is None or watch.loop is not loop:
+                    watch = self._watch = _Watch(loop)
         elif deadline is None:
             return await call_next(request)
         if deadline <= now:
             raise DeadlineExceeded("the call's deadline had passed before it started")
-        # One scope at an absolute time (no fail_after wrapper and its clock read); only its own
-        # expiry is the deadline's, a TimeoutError from inside passes as it is.
-        with anyio.CancelScope(deadline=deadline) as scope:
-            response = await call_next(request)
+        # Only the scope's own expiry is the deadline's: a TimeoutError from inside passes.
+        if watch is None:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                response = await call_next(request)
+        else:
+            with anyio.CancelScope() as scope:
+                watch.add(scope, deadline)
+                try:
+                    response = await call_next(request)
+                finally:
+                    watch.scopes.pop(scope, None)
         if scope.cancelled_caught:
             raise DeadlineExceeded(
                 f"the call did not finish within its deadline ({deadline - now:.3g}s)"
