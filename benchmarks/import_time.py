@@ -8,12 +8,16 @@ machine hits every row alike. A row shows the median over rounds (and the spread
 two figures: the time the snippet itself took inside the interpreter (``import corral`` alone,
 what the target is about) and the wall time of the whole process (interpreter start included,
 what a CLI user waits for). ``python -c pass`` is the floor of the second.
+
+``--instructions`` counts instead (``valgrind --tool=callgrind``, one run per row): a figure
+the other engineers' load does not blur, to compare trees.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -66,13 +70,44 @@ def run_once(code: str, tree: str | None) -> tuple[float, float]:
     return float(out.stdout.strip().splitlines()[-1]), wall
 
 
+def instructions(code: str, tree: str | None) -> int:
+    """Instructions a fresh interpreter executes for ``code`` (start-up included)."""
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = str(Path(tree).resolve())
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "cg.out")
+        subprocess.run(
+            [
+                *("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"),
+                *(sys.executable, "-c", code),
+            ],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            check=True,
+        )
+        with open(out) as f:
+            found = re.search(r"^summary: (\d+)", f.read(), re.MULTILINE)
+    assert found is not None, "no summary line in the callgrind output"
+    return int(found.group(1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--tree", action="append", help="a corral source tree (default: .)")
+    parser.add_argument("--instructions", action="store_true", help="callgrind counts instead")
     args = parser.parse_args()
     trees = args.tree or [str(Path(__file__).resolve().parent.parent)]
     rows = snippets(trees)
+    if args.instructions:
+        print(f"{machine()}, callgrind, one fresh interpreter per row\n")
+        print("| what | instructions (millions) |\n|---|---:|")
+        for label, tree, code in rows:
+            if "openai" not in code and "httpx" not in code:
+                print(f"| `{label}` | {instructions(code, tree) / 1e6:,.0f} |")
+        return
     inner: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     wall: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     for _label, tree, code in rows:  # warm the file cache and .pyc files once
