@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from corral._clock import current_time
+from corral._streams import bound_waits
 from corral.core import _errors as errors
 from corral.core._classify import classify, scrub
 from corral.core._compose import Handler, Middleware, build_stack
@@ -344,19 +345,28 @@ class Client:
         parse.keep_chunks()
         stream_bytes = aiter(stream)
         idle = math.inf if idle_timeout is None else idle_timeout
+
+        def idle_error() -> errors.ReadTimeout:
+            return errors.ReadTimeout(f"no stream data for {idle_timeout}s", request_sent=True)
+
+        # The layer that waits for the bytes times the idle limit in its own read if it can
+        # (corral._streams): no scope here, per chunk or per read.
+        taken = idle_timeout is None or bound_waits(stream, idle=idle, error=idle_error)
         try:
             while True:
-                # One scope per piece the transport hands over (a read's worth of events), at
-                # an absolute time: no per-chunk fail_after.
-                with anyio.CancelScope(deadline=current_time() + idle) as scope:
+                if taken:
                     try:
                         await anext(stream_bytes)
                     except StopAsyncIteration:
                         break
-                if scope.cancelled_caught:
-                    raise errors.ReadTimeout(
-                        f"no stream data for {idle_timeout}s", request_sent=True
-                    ) from None
+                else:
+                    with anyio.CancelScope(deadline=current_time() + idle) as scope:
+                        try:
+                            await anext(stream_bytes)
+                        except StopAsyncIteration:
+                            break
+                    if scope.cancelled_caught:
+                        raise idle_error()
                 for chunk in self._parsed_chunks(parse):
                     yield chunk
             parse.close()

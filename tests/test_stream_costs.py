@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -18,14 +18,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral import Client
+from corral import Client, Deadline
+from corral.core import Response, api_request
 from corral.core import _errors as errors
-from corral.core import api_request
 from corral.core._models import Timeouts
 from corral.core._sse import SSEParser
 from corral.core._wire import parse_chunk
 from corral.transports._asyncio_stream import ReadTimedOut, open_asyncio_stream
 from corral.transports._http11 import H11Transport
+from corral.transports._memory import MemoryTransport
 from tests import hostile
 from tests.support import CANARY_KEY
 
@@ -126,19 +127,20 @@ async def test_stream_chat_arms_no_timer_per_chunk(burst_server: str) -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})])
-async def test_asyncio_receive_within_times_out_and_keeps_a_moving_deadline() -> None:
-    """``receive_within``: ReadTimedOut when nothing comes in time; data arriving inside each
+async def test_asyncio_receive_until_times_out_and_keeps_a_moving_deadline() -> None:
+    """``receive_until``: ReadTimedOut when nothing comes in time; data arriving inside each
     wait's limit never times out, although the one timer was armed for an earlier wait."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     port = server.getsockname()[1]
     stream = await open_asyncio_stream("127.0.0.1", port, None)
+    loop = asyncio.get_running_loop()
     peer, _ = server.accept()
     try:
         with anyio.fail_after(10):
             with pytest.raises(ReadTimedOut):
-                await stream.receive_within(65536, 0.05)
+                await stream.receive_until(65536, loop.time() + 0.05)
 
             def trickle() -> None:  # 6 pieces 0.25 s apart: past the first wait's timer
                 for i in range(6):
@@ -149,11 +151,13 @@ async def test_asyncio_receive_within_times_out_and_keeps_a_moving_deadline() ->
             sender.start()
             got = b""
             while len(got) < 6:
-                got += await stream.receive_within(65536, 1.0)
+                got += await stream.receive_until(65536, loop.time() + 1.0)
             sender.join(timeout=5)
             assert got == b"012345"
             peer.sendall(b"late")
-            assert await stream.receive_within(65536, 5) == b"late"  # the timer was re-armed
+            assert (
+                await stream.receive_until(65536, loop.time() + 5) == b"late"
+            )  # the timer was re-armed
     finally:
         await stream.aclose()
         peer.close()
@@ -240,3 +244,99 @@ def test_a_streamed_chunk_builds_its_choices_only_when_asked() -> None:
     assert hash(lazy) == hash(parse_chunk(payload))
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         lazy.id = "other"
+
+
+@pytest.fixture
+def paced_server() -> Iterator[str]:
+    """Answers one request with 30 SSE events, each in its own write 5 ms apart (a read each)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    events = _sse_events(30)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            hostile.read_request(conn)
+            whole = _chunked(events)
+            head_end = whole.index(b"\r\n\r\n") + 4
+            conn.sendall(whole[:head_end])
+            for event in events:
+                time.sleep(0.005)
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+            conn.sendall(b"0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/v1"
+    thread.join(timeout=5)
+    server.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_paced_stream_chat_arms_no_timer_per_read(paced_server: str) -> None:
+    """Events one per read: the idle timeout of ``stream_chat`` and the call's deadline are
+    handed down to the body's read, whose one timer moves (the old code: two cancel scopes,
+    and their timers, per read). Counted on the loop's ``call_at``, so asyncio only."""
+    loop = asyncio.get_running_loop()
+    armed = 0
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        nonlocal armed
+        armed += 1
+        return call_at(when, callback, *args, **kwargs)
+
+    async with Client(paced_server, CANARY_KEY, model="m") as client:
+        with anyio.fail_after(10):
+            loop.call_at = counting  # type: ignore[method-assign,assignment]
+            try:
+                texts = [chunk.text async for chunk in client.stream_chat([])]
+            finally:
+                del loop.call_at
+    assert texts == ["w"] * 30
+    assert armed <= 6, f"{armed} timers for 30 events"
+
+
+class _Stalling:
+    """A stream that takes no limit from above (no ``bound_waits``): one event, then silence."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
+        yield _sse_events(1)[0]
+        await anyio.sleep(30)
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("middleware", "idle", "error", "text"),
+    [
+        (None, 0.2, errors.ReadTimeout, "no stream data"),  # the Deadline's scope carries it
+        ([], 0.2, errors.ReadTimeout, "no stream data"),  # no layer below takes it
+        ([Deadline(0.2)], 30, errors.DeadlineExceeded, "deadline"),
+    ],
+)
+async def test_limits_no_layer_below_takes_still_end_the_stream(
+    middleware: list[Any] | None, idle: float, error: type[Exception], text: str
+) -> None:
+    """Over a stream that takes no limit, the idle timeout and the deadline are timed by a
+    scope (the Deadline's, or stream_chat's own): the same errors, within bounds."""
+
+    def answer(request: object) -> Response:
+        return Response(200, [("content-type", "text/event-stream")], stream=_Stalling())
+
+    client = Client(
+        "http://memory/v1",
+        CANARY_KEY,
+        model="m",
+        transport=MemoryTransport(answer),
+        middleware=middleware,
+    )
+    async with client:
+        with anyio.fail_after(10), pytest.raises(error, match=text):
+            async for _ in client.stream_chat([], idle_timeout=idle):
+                pass

@@ -569,6 +569,11 @@ class ParsedStream:
             yield chunk
         self.parse.close()
 
+    def bound_waits(self, **limit: Any) -> bool:
+        """Pass a time limit on the waits for pieces down (this stream never waits itself)."""
+        offer = getattr(self._inner, "bound_waits", None)
+        return offer is not None and bool(offer(**limit))
+
     async def aclose(self) -> None:
         await self._inner.aclose()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import attrs
 
@@ -220,6 +220,11 @@ class _SlotStream:
                 yield chunk
         finally:
             self._release()
+
+    def bound_waits(self, **limit: Any) -> bool:
+        """Pass a time limit on the waits for pieces down (corral._streams): no wait here."""
+        offer = getattr(self._inner, "bound_waits", None)
+        return offer is not None and bool(offer(**limit))
 
     def _release(self) -> None:
         if not self._released:

@@ -7,7 +7,7 @@ the answer, those are a third of the transport's CPU. This stream keeps reading 
 buffer is small, wakes the reader with one future, and only waits on ``send`` when the kernel
 buffer is full. Cancellation works as for any await: anyio's cancel scopes cancel the task.
 
-A read timeout (``receive_within``) needs no cancel scope: each wait records its deadline, and
+A read timeout (``receive_until``) needs no cancel scope: each wait records its deadline, and
 one timer per connection, armed for the first wait, fails the waiter only if that wait's
 deadline has passed; otherwise it moves to the current deadline. A streamed body read one event
 at a time thus costs a float per read, not a scope and a timer.
@@ -31,7 +31,7 @@ _HIGH_WATER = 1 << 20
 
 
 class ReadTimedOut(Exception):
-    """``receive_within``'s limit passed with no byte (not an ``OSError``, as TimeoutError is,
+    """``receive_until``'s deadline passed with no byte (not an ``OSError``, as TimeoutError is,
     so no handler of network errors takes it for one)."""
 
 
@@ -141,14 +141,14 @@ class AsyncioStream(anyio.abc.ByteStream):
         self._closed = False
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self.receive_within(max_bytes, None)
+        return await self.receive_until(max_bytes, None)
 
-    async def receive_within(self, max_bytes: int, seconds: float | None) -> bytes:
-        """``receive``, raising ``ReadTimedOut`` if no byte comes within ``seconds`` (None: no
-        limit). No cancel scope: the protocol's one timer fails the wait."""
+    async def receive_until(self, max_bytes: int, deadline: float | None) -> bytes:
+        """``receive``, raising ``ReadTimedOut`` if no byte has come by ``deadline`` (on the
+        loop's clock; None: no limit). No cancel scope: the protocol's one timer fails the wait."""
         protocol = self._protocol
-        if not protocol.chunks and seconds is not None:
-            protocol.arm(protocol.loop.time() + seconds)
+        if not protocol.chunks and deadline is not None:
+            protocol.arm(deadline)
         elif protocol.wait_deadline:
             protocol.wait_deadline = 0.0
         while not protocol.chunks:

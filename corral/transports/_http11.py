@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -33,6 +34,7 @@ import h11
 
 from corral._clock import current_time
 from corral._gate import Gate
+from corral._streams import ErrorFactory, WaitBounds
 from corral.core import _errors as errors
 from corral.core._events import TransportResent
 from corral.core._headers import Headers
@@ -455,15 +457,15 @@ class H11Transport:
         conn: _Connection,
         *,
         stale_ok: bool = False,
-        within: float | None = None,
+        until: float | None = None,
         sink: Callable[[bytes], None] | None = None,
     ) -> bytes:
-        """One read into ``conn``'s h11 (or ``sink``); ``within`` (an ``AsyncioStream`` only)
-        times it out with ``ReadTimedOut``."""
+        """One read into ``conn``'s h11 (or ``sink``); ``until`` (an ``AsyncioStream`` only)
+        ends the wait with ``ReadTimedOut``."""
         try:
-            if within is not None:
+            if until is not None:
                 assert isinstance(conn.stream, AsyncioStream)
-                chunk = await conn.stream.receive_within(_READ_SIZE, within)
+                chunk = await conn.stream.receive_until(_READ_SIZE, until)
             else:
                 chunk = await conn.stream.receive(_READ_SIZE)
         except anyio.EndOfStream:
@@ -533,6 +535,8 @@ class _Body:
         self._pending: object = None  # the event h11 gave after the data it joined
         self._error: errors.CorralError | None = None  # found while joining: raised next
         self._chunks: ChunkedDecoder | None = None
+        read = timeouts.read
+        self._bounds = WaitBounds(read, lambda: _body_timeout(read))
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._stream()
@@ -563,7 +567,7 @@ class _Body:
         One piece per read rather than per event: h11 makes an event of each chunked-encoding
         chunk, and a provider sends each SSE event as one, so every layer above would otherwise
         pay per event. With ``watch`` the caller's scope times the reads; without, each wait
-        is timed by the stream (a moved timer on asyncio, a scope on trio).
+        ends at the limits of ``_bounds`` (a moved timer on asyncio, a scope on trio).
         """
         if self._error is not None:
             error, self._error = self._error, None
@@ -633,24 +637,33 @@ class _Body:
             self._pending = event
         return first if len(pieces) == 1 else b"".join(pieces)
 
+    def bound_waits(
+        self, *, deadline: float | None = None, idle: float | None = None, error: ErrorFactory
+    ) -> bool:
+        """Take a limit of a layer above into this body's reads (``corral._streams``)."""
+        return self._bounds.add(deadline, idle, error)
+
     async def _read(
         self, watch: PhaseWatch | None, sink: Callable[[bytes], None] | None = None
     ) -> None:
-        conn, transport, read = self._conn, self._lease.transport, self._timeouts.read
+        conn, transport = self._conn, self._lease.transport
         if watch is not None:
-            watch.start("read", read)
+            watch.start("read", self._timeouts.read)
             await transport._receive(conn, sink=sink)
-        elif isinstance(conn.stream, AsyncioStream):
+            return
+        bounds = self._bounds
+        now = current_time()
+        end = bounds.end(now)
+        if isinstance(conn.stream, AsyncioStream):
             try:
-                await transport._receive(conn, within=read, sink=sink)
+                await transport._receive(conn, until=None if end == math.inf else end, sink=sink)
             except ReadTimedOut:
-                raise _body_timeout(read) from None
-        else:
-            try:
-                with anyio.fail_after(read):
-                    await transport._receive(conn, sink=sink)
-            except TimeoutError:
-                raise _body_timeout(read) from None
+                raise bounds.error(now) from None
+            return
+        with anyio.CancelScope(deadline=end) as scope:
+            await transport._receive(conn, sink=sink)
+        if scope.cancelled_caught:
+            raise bounds.error(now)
 
     async def aclose(self) -> None:
         await self._lease.finish(reusable=False)
