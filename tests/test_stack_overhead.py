@@ -6,10 +6,15 @@ from __future__ import annotations
 import anyio
 import pytest
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from corral.core import Request, Response, api_request, build_stack, errors
 from corral.core._models import RequestOptions
+from corral.core._wire import Usage
+from corral.middleware._breaker import CircuitBreaker, State
 from corral.middleware._deadline import Deadline
+from corral.middleware._metrics import Price
 from corral.transports import MemoryTransport
 
 pytestmark = pytest.mark.anyio
@@ -132,3 +137,44 @@ def test_one_deadline_layer_serves_successive_event_loops() -> None:
 
     for backend in ("asyncio", "asyncio", "trio", "asyncio"):
         anyio.run(main, backend=backend)
+
+
+@given(
+    prompt=st.integers(0, 10**7),
+    completion=st.integers(0, 10**7),
+    rates=st.tuples(*[st.floats(0, 1000, allow_nan=False)] * 2),
+    cached_rate=st.none() | st.floats(0, 1000, allow_nan=False),
+)
+def test_a_price_without_cached_or_reasoning_tokens_is_the_general_formula(
+    prompt: int, completion: int, rates: tuple[float, float], cached_rate: float | None
+) -> None:
+    """``Price.usd``'s two-rate shortcut (most calls) gives exactly what the general formula
+    gives with zero cached and reasoning tokens."""
+    price = Price(*rates, cached_input=cached_rate, reasoning=cached_rate)
+    usage = Usage(prompt, completion, prompt + completion)
+    general = (
+        (prompt - 0) * price.input
+        + 0 * (price.input if cached_rate is None else cached_rate)
+        + (completion - 0) * price.output
+        + 0 * (price.output if cached_rate is None else cached_rate)
+    ) / 1e6
+    assert price.usd(usage) == general
+
+
+async def test_a_closed_breaker_still_counts_successes_and_opens_on_failures() -> None:
+    """The success fast path (no decision to match) still feeds the window: after enough
+    successes a burst of 5xx opens the circuit only once the failure rate reaches it."""
+    statuses = iter([200] * 10 + [500] * 10)
+
+    def answer(_: Request) -> Response:
+        return Response(next(statuses), [("content-type", "application/json")], b"{}")
+
+    layer = CircuitBreaker(min_calls=4, threshold=0.5, window=60.0)
+    stack = build_stack([layer], MemoryTransport(answer))
+    for _ in range(19):  # 10 successes, 9 failures: 9 < 0.5 * 19
+        await stack(chat())
+    assert layer.policies["h"].state is State.CLOSED
+    await stack(chat())  # 10 failures of 20 calls
+    assert layer.policies["h"].state is State.OPEN
+    with pytest.raises(errors.CircuitOpen):
+        await stack(chat())

@@ -248,16 +248,17 @@ class CircuitBreaker:
             policy = self.policies[key] = BreakerPolicy(self.config)
         call = request.options.call
         # CLOSED lets every call through: the clock is read only when the answer may differ.
-        match ALLOW if policy.state is State.CLOSED else policy.before(current_time()):
-            case Allow():
-                pass
-            case Refuse(until=until):
-                call.emit(BreakerRefused, current_time(), key=key, until=until)
-                raise CircuitOpen(
-                    f"circuit for {key} is open; next probe at t={until:.3f}", retry_at=until
-                )
-            case other:
-                never(other)
+        if policy.state is not State.CLOSED:
+            match policy.before(current_time()):
+                case Allow():
+                    pass
+                case Refuse(until=until):
+                    call.emit(BreakerRefused, current_time(), key=key, until=until)
+                    raise CircuitOpen(
+                        f"circuit for {key} is open; next probe at t={until:.3f}", retry_at=until
+                    )
+                case other:
+                    never(other)
         try:
             response = await call_next(request)
         except CorralError as exc:
@@ -272,7 +273,10 @@ class CircuitBreaker:
     @staticmethod
     def _record(call: Call, key: str, policy: BreakerPolicy, outcome: CorralError | None) -> None:
         now = current_time()
-        match policy.record(now, outcome):
+        decision = policy.record(now, outcome)
+        if decision is UNCHANGED:  # the common answer, a singleton: no class pattern to test
+            return
+        match decision:
             case Unchanged():
                 pass
             case Opened(failure_rate=rate, until=until):

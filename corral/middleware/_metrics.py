@@ -45,6 +45,8 @@ class Price:
 
     def usd(self, usage: Usage) -> float:
         """What ``usage`` costs at these prices."""
+        if not usage.cached_tokens and not usage.reasoning_tokens:  # most calls: two rates
+            return (usage.prompt_tokens * self.input + usage.completion_tokens * self.output) / 1e6
         cached = min(usage.cached_tokens, usage.prompt_tokens)
         reasoning = min(usage.reasoning_tokens, usage.completion_tokens)
         cached_rate = self.input if self.cached_input is None else self.cached_input
