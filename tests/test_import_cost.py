@@ -22,6 +22,7 @@ LAZY = [
     "h11",
     "email.utils",
     "html",
+    "urllib.parse",
     "corral._mapping",
     "corral._deployments",
     "corral.batch",
@@ -61,7 +62,7 @@ def test_building_the_default_client_loads_no_rarer_path_but_its_transport() -> 
     )
     assert "corral.transports._http11" in loaded
     # H11Transport brings h11, TLS and its asyncio stream (it imports asyncio itself)
-    unused = set(LAZY) - {"h11", "ssl", "asyncio", "corral.transports._http11"}
+    unused = set(LAZY) - {"h11", "ssl", "asyncio", "urllib.parse", "corral.transports._http11"}
     assert sorted(loaded & unused) == []
 
 

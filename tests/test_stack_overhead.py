@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from corral.core import Request, Response, api_request, build_stack, errors
 from corral.core._models import RequestOptions
 from corral.core._wire import Usage
+from corral.middleware import _breaker as breaker
 from corral.middleware._breaker import CircuitBreaker, State
 from corral.middleware._deadline import Deadline
 from corral.middleware._metrics import Price
@@ -178,3 +179,13 @@ async def test_a_closed_breaker_still_counts_successes_and_opens_on_failures() -
     assert layer.policies["h"].state is State.OPEN
     with pytest.raises(errors.CircuitOpen):
         await stack(chat())
+
+
+def test_the_breaker_key_is_the_host_and_port_for_any_number_of_urls() -> None:
+    """``by_host`` remembers the URLs it parsed, up to a bound: a scan over many hosts neither
+    grows it without end nor gets a stale answer."""
+    for i in range(3000):
+        url = f"http://h{i}.example:{1000 + i % 7}/v1"
+        request = api_request(url, "/chat/completions", {}, api_key="k")
+        assert breaker.by_host(request) == f"h{i}.example:{1000 + i % 7}"
+    assert 0 < len(breaker._HOSTS) <= 1024
