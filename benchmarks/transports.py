@@ -4,6 +4,12 @@ Every client does the same work per call: POST a chat completion and parse the J
 (corral ``Response.json()``, aiohttp ``r.json()``, httpx ``.json()``); the SDK builds its model.
 
     python benchmarks/transports.py            # N=20000, C=64, zero latency; then the latency run
+    python benchmarks/transports.py --no-latency \
+        --variants corral-client,corral-client-bare,corral-h11-asyncio,raw-aiohttp
+
+``corral-client`` is ``Client.chat`` with the default stack over H11Transport, and
+``corral-client-bare`` the same client with ``middleware=[]``: beside ``corral-h11-asyncio`` (the
+bare transport) they split a call's cost into transport, client and stack.
 
 Each variant runs in its own process pinned to core 0; the emulator runs pinned to core 1.
 Prints a Markdown table for docs/benchmarks.md.
@@ -31,6 +37,8 @@ from _common import (
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
 KEY = "sk-bench-0123456789"
 VARIANTS = [
+    "corral-client",
+    "corral-client-bare",
     "corral-h11-asyncio",
     "corral-h11-uvloop",
     "corral-h11-trio",
@@ -71,6 +79,21 @@ async def _variant(name: str, base_url: str, n: int, concurrency: int) -> tuple[
 
     request = api_request(base_url, "/chat/completions", BODY, api_key=KEY)
     name = name.removesuffix("-uvloop")  # the loop is picked in run_one
+    if name in ("corral-client", "corral-client-bare"):
+        # Client.chat over H11Transport: the default stack, or none (what the client itself costs)
+        from corral import Client
+
+        client = Client(
+            base_url, KEY, middleware=[] if name.endswith("bare") else None, model=BODY["model"]
+        )
+        messages, max_tokens = BODY["messages"], BODY["max_tokens"]
+
+        async def call() -> None:
+            await client.chat(messages, max_tokens=max_tokens)
+
+        result = await _drive(call, n, concurrency)
+        await client.aclose()
+        return result
     if name.startswith("corral-"):
         if name in ("corral-httpx", "corral-httpx2"):
             from corral.transports._httpx_transport import HttpxTransport
@@ -175,6 +198,7 @@ def main() -> None:
     parser.add_argument("-c", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each variant's best counts")
+    parser.add_argument("--no-latency", action="store_true", help="skip the 50 ms latency run")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_one(args.child, args.url, args.n, args.c)))
@@ -211,6 +235,8 @@ def main() -> None:
         f"the fastest client at {fastest['req_per_s']:.0f} req/s, so it could serve "
         f"~{1e6 / fastest['server_cpu_us']:.0f} req/s."
     )
+    if args.no_latency:
+        return
     n, latency, c = 5_000, 0.05, 256
     print(
         f"\n### 50 ms latency, N={n}, concurrency {c}: "
