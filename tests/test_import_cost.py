@@ -23,6 +23,7 @@ LAZY = [
     "email.utils",
     "html",
     "urllib.parse",
+    "orjson",
     "corral._mapping",
     "corral._deployments",
     "corral.batch",
@@ -83,6 +84,18 @@ def test_building_the_default_client_loads_no_rarer_path_but_its_transport() -> 
 def test_a_lazy_name_loads_its_module_when_first_used(name: str, module: str) -> None:
     loaded = loaded_after(f"import corral\nobj = corral.{name}\nassert obj.__name__ == {name!r}")
     assert module in loaded
+
+
+def test_json_uses_orjson_once_first_used() -> None:
+    """orjson loads with the first JSON call, and serves it (the ``speed`` extra is installed
+    in the test environment)."""
+    loaded = loaded_after(
+        "from corral.core import _jsonlib as j\n"
+        "assert j.loads(b'[18446744073709551615]') == [18446744073709551615]\n"
+        "assert j.dumps({'a': [1]}) == b'{\"a\":[1]}'\n"
+        "assert j._orjson is not None and j._orjson is not False"
+    )
+    assert "orjson" in loaded
 
 
 def test_the_clock_finds_an_asyncio_loop_started_after_corral_was_imported() -> None:

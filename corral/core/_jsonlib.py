@@ -4,21 +4,35 @@ orjson cannot hold an integer outside [-2**63, 2**64): it refuses to write one a
 a float, so ``2**64`` and ``2**64 + 1`` would read alike. Writing falls back to the stdlib for
 those, and ``canonical`` (cache keys) reads them exactly, so its bytes are equal exactly when
 the values are. A value no JSON can hold raises ``InvalidInput``.
+
+orjson is imported on first use: its own imports (dataclasses, uuid, datetime) cost ~4 ms that
+``import corral`` need not pay (issue 15).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+from types import ModuleType
+from typing import Any, Literal, NoReturn
 
 from corral.core._errors import InvalidInput
 
 __all__ = ["JSONDecodeError", "canonical", "dumps", "dumps_canonical", "loads"]
 
-try:
-    import orjson
-except ImportError:  # pragma: no cover - exercised when the extra is absent
-    orjson = None  # type: ignore[assignment]
+#: orjson once imported, False when it is not installed, None before the first use.
+_orjson: ModuleType | Literal[False] | None = None
+
+
+def _import_orjson() -> ModuleType | Literal[False]:
+    global _orjson
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - exercised when the extra is absent
+        _orjson = False
+    else:
+        _orjson = orjson
+    return _orjson
+
 
 JSONDecodeError: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError, RecursionError)
 _PLUS = ord("+")
@@ -26,7 +40,8 @@ _PLUS = ord("+")
 
 def loads(data: bytes | str) -> Any:
     """Parse JSON; raises one of ``JSONDecodeError`` on bad input."""
-    if orjson is not None:
+    orjson = _orjson if _orjson is not None else _import_orjson()
+    if orjson:
         return orjson.loads(data)
     return json.loads(data)
 
@@ -50,9 +65,11 @@ def _finite_float(text: str) -> float:
 def dumps(value: Any) -> bytes:
     """JSON bytes; ``InvalidInput`` for what JSON cannot hold (a set, an object, NaN beside a
     huge integer...)."""
-    if orjson is not None:
+    orjson = _orjson if _orjson is not None else _import_orjson()
+    if orjson:
         try:
-            return orjson.dumps(value)
+            out: bytes = orjson.dumps(value)
+            return out
         except TypeError:
             pass  # an integer beyond 64 bits, or something the stdlib will refuse too
     return _stdlib_dumps(value, sort_keys=False)
@@ -60,9 +77,11 @@ def dumps(value: Any) -> bytes:
 
 def dumps_canonical(value: Any) -> bytes:
     """Sorted keys, no spaces: equal values give equal bytes (for cache keys)."""
-    if orjson is not None:
+    orjson = _orjson if _orjson is not None else _import_orjson()
+    if orjson:
         try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+            sorted_out: bytes = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+            return sorted_out
         except TypeError:
             pass
     return _stdlib_dumps(value, sort_keys=True)
@@ -76,7 +95,8 @@ def canonical(data: bytes | str) -> bytes:
     ``e+`` it read every number exactly. Otherwise (rare: such a float, or ``e+`` in a string)
     the stdlib reads the text again, exactly.
     """
-    if orjson is not None:
+    orjson = _orjson if _orjson is not None else _import_orjson()
+    if orjson:
         out = dumps_canonical(orjson.loads(data))
         if _PLUS not in out or b"e+" not in out:  # a byte is a memchr; "e+" a slower search
             return out
