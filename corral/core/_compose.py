@@ -6,7 +6,6 @@ functions work. ``build_stack`` composes a list once, outermost first, into a si
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -40,15 +39,25 @@ def build_stack(
     """
     handler = transport
     for layer in reversed(middleware):
-        handler = functools.partial(layer, call_next=handler)
+        handler = _bind(layer, handler)
     if events is None:
         return handler
     inner = handler
 
-    async def with_sink(request: Request) -> Response:
+    def with_sink(request: Request) -> Awaitable[Response]:
         call = request.options.call
         if call.sink is None:
             call.sink = events
-        return await inner(request)
+        return inner(request)
 
     return with_sink
+
+
+def _bind(layer: Middleware, call_next: Handler) -> Handler:
+    """``layer`` with the rest of the stack bound: a plain function handing back the layer's
+    awaitable (no coroutine of its own, and cheaper to call than a partial with a keyword)."""
+
+    def handler(request: Request) -> Awaitable[Response]:
+        return layer(request, call_next)
+
+    return handler
