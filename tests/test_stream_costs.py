@@ -340,3 +340,21 @@ async def test_limits_no_layer_below_takes_still_end_the_stream(
         with anyio.fail_after(10), pytest.raises(error, match=text):
             async for _ in client.stream_chat([], idle_timeout=idle):
                 pass
+
+
+def test_parse_chat_reads_any_mapping_as_it_reads_a_dict() -> None:
+    """The decoders check ``type(x) is dict`` first (ABC checks cost) and fall back to
+    ``Mapping``: a completion given as other mappings decodes to the same result."""
+    from types import MappingProxyType
+
+    from corral.core._wire import parse_chat
+
+    message = {"role": "assistant", "content": "hi", "tool_calls": [{"id": "t"}]}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    data = {"id": "c", "model": "m", "choices": [choice], "usage": {"prompt_tokens": 2}}
+    proxied = {
+        **data,
+        "choices": [MappingProxyType({**choice, "message": MappingProxyType(message)})],
+    }
+    assert parse_chat(MappingProxyType(proxied)) == parse_chat(data)
+    assert parse_chat(data).choices[0].message.tool_calls == ({"id": "t"},)

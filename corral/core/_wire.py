@@ -110,7 +110,7 @@ def decode_json(response: Response, *, secrets: Iterable[str] = ()) -> Mapping[s
             f"HTTP {response.status} body is not JSON ({exc.__class__.__name__}): {preview}",
             status=response.status,
         ) from None
-    if not isinstance(data, Mapping):
+    if type(data) is not dict and not isinstance(data, Mapping):
         raise MalformedResponse(
             f"HTTP {response.status} body is JSON {type(data).__name__}, expected an object",
             status=response.status,
@@ -247,27 +247,28 @@ def parse_chat(data: Mapping[str, Any]) -> ChatCompletion:
     choices = []
     for i, raw in enumerate(_choices(data.get("choices"), "chat completion")):
         msg = raw.get("message")
-        if not isinstance(msg, Mapping):
+        if type(msg) is not dict and not isinstance(msg, Mapping):  # dict first: ABC checks cost
             raise _field_error("chat completion", f"choices[{i}].message")
-        content = msg.get("content")
-        calls = msg.get("tool_calls")
+        content, role, calls = msg.get("content"), msg.get("role"), msg.get("tool_calls")
+        index = raw.get("index")
         choices.append(
             Choice(
-                index=_index(raw, i),
-                message=Message(
-                    role=_str(msg.get("role"), "assistant"),
-                    content=_opt_str(content),
-                    tool_calls=_items(calls),
+                index if type(index) is int else _index(raw, i),
+                Message(
+                    role if type(role) is str else _str(role, "assistant"),
+                    content if type(content) is str else _opt_str(content),
+                    () if calls is None else _items(calls),
                 ),
-                finish_reason=_opt_str(raw.get("finish_reason")),
+                _opt_str(raw.get("finish_reason")),
             )
         )
+    usage = data.get("usage")
     return ChatCompletion(
-        id=_str(data.get("id")),
-        model=_str(data.get("model")),
-        choices=tuple(choices),
-        usage=Usage.parse(data.get("usage")),
-        raw=data,
+        _str(data.get("id")),
+        _str(data.get("model")),
+        tuple(choices),
+        None if usage is None else Usage.parse(usage),
+        data,
     )
 
 
