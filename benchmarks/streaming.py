@@ -226,9 +226,13 @@ def run_child(name: str, url: str, streams: int, rounds: int) -> dict[str, float
 
 
 def spawn(name: str, url: str, streams: int, rounds: int) -> dict[str, float]:
+    """Run one client in a child process; ``name@DIR`` imports corral from DIR (an older tree,
+    e.g. ``git archive <commit> corral | tar -x -C DIR``), for before/after in one run."""
+    name, _, tree = name.partition("@")
+    env = {**os.environ, "PYTHONPATH": tree} if tree else None
     args = ["--child", name, "--url", url, "--streams", str(streams), "--rounds", str(rounds)]
     out = subprocess.run(
-        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True, env=env
     )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -170,6 +171,10 @@ def run_one(name: str, base_url: str, n: int, concurrency: int) -> dict[str, flo
 
 
 def spawn(name: str, base_url: str, n: int, concurrency: int) -> dict[str, float]:
+    """Run one client in a child process; ``name@DIR`` imports corral from DIR (an older tree,
+    e.g. ``git archive <commit> corral | tar -x -C DIR``), for before/after in one run."""
+    name, _, tree = name.partition("@")
+    env = {**os.environ, "PYTHONPATH": tree} if tree else None
     out = subprocess.run(
         [
             sys.executable,
@@ -186,6 +191,7 @@ def spawn(name: str, base_url: str, n: int, concurrency: int) -> dict[str, float
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -224,7 +230,8 @@ def main() -> None:
         return results.get(name, {}).get("req_per_s", float("nan"))
 
     for name, r in results.items():
-        base = rate("raw-aiohttp-uvloop" if name.endswith("uvloop") else "raw-aiohttp")
+        uvloop = name.partition("@")[0].endswith("uvloop")
+        base = rate("raw-aiohttp-uvloop" if uvloop else "raw-aiohttp")
         print(
             f"| {name} | {r['req_per_s']:.0f} | {r['cpu_us_per_req']:.0f} | "
             f"{r['req_per_s'] / base:.2f}x | {r['req_per_s'] / rate('openai-sdk'):.2f}x |"
