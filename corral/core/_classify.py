@@ -16,7 +16,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -161,10 +161,7 @@ class RateLimitHeaders:
         )
 
 
-def _int_header(headers: Headers, name: str) -> int | None:
-    raw = headers.get(name)
-    if raw is None:
-        return None
+def _int_value(raw: str) -> int | None:
     try:
         value = int(raw.strip())
     except ValueError:
@@ -172,22 +169,28 @@ def _int_header(headers: Headers, name: str) -> int | None:
     return value if value >= 0 else None
 
 
-def _duration_header(headers: Headers, name: str) -> float | None:
-    raw = headers.get(name)
-    return None if raw is None else parse_duration(raw)
+#: The ``x-ratelimit-*`` fields ``RateLimitHeaders`` holds, and how each value is read.
+_RATE_FIELDS: dict[str, tuple[str, Callable[[str], int | float | None]]] = {
+    "x-ratelimit-limit-requests": ("limit_requests", _int_value),
+    "x-ratelimit-limit-tokens": ("limit_tokens", _int_value),
+    "x-ratelimit-remaining-requests": ("remaining_requests", _int_value),
+    "x-ratelimit-remaining-tokens": ("remaining_tokens", _int_value),
+    "x-ratelimit-reset-requests": ("reset_requests", parse_duration),
+    "x-ratelimit-reset-tokens": ("reset_tokens", parse_duration),
+}
 
 
 def parse_rate_limit_headers(headers: Headers) -> RateLimitHeaders:
     """The ``x-ratelimit-*`` quota a response states; a missing or unparseable header is None
-    rather than an error, since providers differ in which they send."""
-    return RateLimitHeaders(
-        limit_requests=_int_header(headers, "x-ratelimit-limit-requests"),
-        limit_tokens=_int_header(headers, "x-ratelimit-limit-tokens"),
-        remaining_requests=_int_header(headers, "x-ratelimit-remaining-requests"),
-        remaining_tokens=_int_header(headers, "x-ratelimit-remaining-tokens"),
-        reset_requests=_duration_header(headers, "x-ratelimit-reset-requests"),
-        reset_tokens=_duration_header(headers, "x-ratelimit-reset-tokens"),
-    )
+    rather than an error, since providers differ in which they send. One pass over the
+    fields (a response carries a dozen; this runs once per call); the first of a name wins."""
+    found: dict[str, int | float | None] = {}
+    for name, raw in headers.items():
+        if name.startswith("x-ratelimit-"):
+            field = _RATE_FIELDS.get(name)
+            if field is not None and field[0] not in found:
+                found[field[0]] = field[1](raw)
+    return RateLimitHeaders(**found) if found else RateLimitHeaders()  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=16)
