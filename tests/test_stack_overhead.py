@@ -172,11 +172,11 @@ async def test_a_closed_breaker_still_counts_successes_and_opens_on_failures() -
 
     layer = CircuitBreaker(min_calls=4, threshold=0.5, window=60.0)
     stack = build_stack([layer], MemoryTransport(answer))
-    for _ in range(19):  # 10 successes, 9 failures: 9 < 0.5 * 19
+    states = []
+    for _ in range(20):  # opens at the 20th: 10 failures of 20 calls (9 < 0.5 * 19 before)
         await stack(chat())
-    assert layer.policies["h"].state is State.CLOSED
-    await stack(chat())  # 10 failures of 20 calls
-    assert layer.policies["h"].state is State.OPEN
+        states.append(layer.policies["h"].state)
+    assert states == [State.CLOSED] * 19 + [State.OPEN]
     with pytest.raises(errors.CircuitOpen):
         await stack(chat())
 
