@@ -120,3 +120,16 @@ def wait_until(
             return bool(predicate())
         time.sleep(0.02)
     return False
+
+
+def most_in_a_window(
+    counted: Sequence[tuple[float, int, float]], window: float, column: int
+) -> float:
+    """The most ``column`` of ``counted`` ((time, requests, tokens) rows) in any ``window``."""
+    return max(
+        (
+            sum(c[column] for c in counted if start <= c[0] < start + window)
+            for start, *_ in counted
+        ),
+        default=0,
+    )

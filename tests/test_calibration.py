@@ -16,7 +16,7 @@ from corral.middleware._buckets import (
     Reject,
 )
 from corral.middleware._calibration import MAX_FACTOR, MIN_FACTOR, Calibration, WindowSum
-from tests.test_limits import most_in_a_window
+from tests.support import most_in_a_window
 
 adds = st.lists(st.tuples(st.floats(0, 3), st.integers(-50, 500)), min_size=1, max_size=80)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -39,6 +38,7 @@ from corral.middleware._ratelimit import (
 from corral.middleware._sendlog import SendLog, room
 from corral.testing.quota import SlidingWindowQuota
 from corral.transports import MemoryTransport
+from tests.support import most_in_a_window
 
 LABELS = {"custom_id": "row-7"}
 
@@ -410,18 +410,6 @@ def simulate(
             assert math.isfinite(wake)
             now = max(now, wake)
     return policy, counted, pauses
-
-
-def most_in_a_window(
-    counted: Sequence[tuple[float, int, float]], window: float, column: int
-) -> float:
-    return max(
-        (
-            sum(c[column] for c in counted if start <= c[0] < start + window)
-            for start, *_ in counted
-        ),
-        default=0,
-    )
 
 
 @settings(max_examples=150, deadline=None)
