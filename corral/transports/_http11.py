@@ -338,19 +338,18 @@ class H11Transport:
 
     async def _put_back(self, conn: _Connection, reusable: bool) -> None:
         machine = conn.h11
-        if reusable and not conn.closed and not self._closed and machine.our_state is h11.IDLE:
-            # A body the chunked decoder read: it replaced h11 with a fresh one at its clean end.
-            conn.idle_since = self._clock()
-            self._idle.setdefault(conn.origin, []).append(conn)
-        elif (
-            reusable
-            and not conn.closed
-            and not self._closed
-            and machine.our_state is h11.DONE
-            and machine.their_state is h11.DONE
-            and not any(machine.trailing_data)  # bytes past the response, or EOF: never reuse
-        ):
-            machine.start_next_cycle()
+        ours = machine.our_state
+        if not reusable or conn.closed or self._closed:
+            reusable = False
+        elif ours is h11.DONE:
+            reusable = machine.their_state is h11.DONE and not any(
+                machine.trailing_data  # bytes past the response, or EOF: never reuse
+            )
+            if reusable:
+                machine.start_next_cycle()
+        else:  # a body ChunkedDecoder read replaced h11 with a fresh one at its clean end
+            reusable = ours is h11.IDLE
+        if reusable:
             conn.idle_since = self._clock()
             self._idle.setdefault(conn.origin, []).append(conn)
         else:
@@ -535,8 +534,7 @@ class _Body:
         self._pending: object = None  # the event h11 gave after the data it joined
         self._error: errors.CorralError | None = None  # found while joining: raised next
         self._chunks: ChunkedDecoder | None = None
-        read = timeouts.read
-        self._bounds = WaitBounds(read, lambda: _body_timeout(read))
+        self._waits: WaitBounds | None = None  # a streamed body's limits (built when read)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._stream()
@@ -641,7 +639,14 @@ class _Body:
         self, *, deadline: float | None = None, idle: float | None = None, error: ErrorFactory
     ) -> bool:
         """Take a limit of a layer above into this body's reads (``corral._streams``)."""
-        return self._bounds.add(deadline, idle, error)
+        return self._bounds().add(deadline, idle, error)
+
+    def _bounds(self) -> WaitBounds:
+        waits = self._waits
+        if waits is None:
+            read = self._timeouts.read
+            waits = self._waits = WaitBounds(read, lambda: _body_timeout(read))
+        return waits
 
     async def _read(
         self, watch: PhaseWatch | None, sink: Callable[[bytes], None] | None = None
@@ -651,7 +656,7 @@ class _Body:
             watch.start("read", self._timeouts.read)
             await transport._receive(conn, sink=sink)
             return
-        bounds = self._bounds
+        bounds = self._bounds()
         now = current_time()
         end = bounds.end(now)
         if isinstance(conn.stream, AsyncioStream):
