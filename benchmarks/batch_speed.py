@@ -55,32 +55,43 @@ def child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
         return wall, cpu, usage.ru_maxrss / 1024, stdout.read()
 
 
-def bare_h11(url: str, n: int, concurrency: int) -> float:
-    """req/s of the bare H11Transport (benchmarks/transports.py's worker loop, warmed up)."""
+def bare_h11(url: str, n: int, concurrency: int) -> tuple[float, float]:
+    """(req/s, CPU us/req) of the bare H11Transport (benchmarks/transports.py's worker loop,
+    warmed up)."""
     cmd = [sys.executable, str(HERE / "transports.py"), "--child", "corral-h11-asyncio"]
     cmd += ["--url", url, "-n", str(n), "-c", str(concurrency)]
     _, _, _, out = child(cmd)
-    return float(json.loads(out.strip().splitlines()[-1])["req_per_s"])
+    result = json.loads(out.strip().splitlines()[-1])
+    return float(result["req_per_s"]), float(result["cpu_us_per_req"])
 
 
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def bench_live(n: int, rounds: int, concurrency: int) -> None:
+def bench_live(n: int, rounds: int, concurrency: int, before: str | None) -> None:
     print(f"### `corral run`, {n:,} lines, zero latency, C={concurrency} ({load()})\n")
-    print("| round | bare H11 req/s | corral run lines/s | CPU us/line | gather+semaphore |")
-    print("|---:|---:|---:|---:|---:|")
-    h11s, runs, books, faithful = [], [], [], []
+    print(
+        "| round | bare H11 req/s (CPU us/req) | corral run lines/s (CPU us/line) | ratio |", end=""
+    )
+    print(" gather+semaphore lines/s |\n|---:|---:|---:|---:|---:|")
+    h11s, runs, books, faithful, cpus = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp, emulator_process() as url:
         source, out = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
         write_input(source, n)
         for r in range(rounds):
-            h11 = bare_h11(url, n, concurrency)
+            h11, h11_cpu = bare_h11(url, n, concurrency)
             out.unlink(missing_ok=True)
             wall, cpu, _, _ = child(corral_run(source, out, url, "--concurrency", str(concurrency)))
             assert sum(1 for _ in out.open()) == n
             out.unlink()
+            if before is not None:  # the same command on an older checkout, for before/after
+                was, _, _, _ = child(
+                    corral_run(source, out, url, "--concurrency", str(concurrency)),
+                    env={"PYTHONPATH": before},
+                )
+                out.unlink()
+                print(f"|   | (before: {n / was:,.0f} lines/s, {n / was / h11:.2f}x) | | | |")
             big = str(10**9)
             book, _, _, _ = child(
                 [sys.executable, "-c", COOKBOOK, str(source), str(out), url, big, big]
@@ -94,11 +105,13 @@ def bench_live(n: int, rounds: int, concurrency: int) -> None:
             h11s.append(h11)
             runs.append(n / wall)
             books.append(n / book)
-            row = f"| {r + 1} | {h11:,.0f} | {n / wall:,.0f} | {cpu / n * 1e6:.0f} |"
-            print(f"{row} {n / book:,.0f} |")
+            cpus.append(h11_cpu / (cpu / n * 1e6))
+            row = f"| {r + 1} | {h11:,.0f} ({h11_cpu:.0f}) | {n / wall:,.0f} ({cpu / n * 1e6:.0f})"
+            print(f"{row} | {n / wall / h11:.2f}x | {n / book:,.0f} |")
     ratio = statistics.median(a / b for a, b in zip(runs, h11s, strict=True))
     book_ratio = statistics.median(a / b for a, b in zip(runs, books, strict=True))
-    print(f"\ncorral run / bare H11: {ratio:.2f}x (median of rounds); ")
+    print(f"\ncorral run / bare H11: {ratio:.2f}x (median of rounds); by CPU per request ")
+    print(f"(bare H11 CPU / corral run CPU, whole process): {statistics.median(cpus):.2f}x; ")
     print(f"corral run / gather+semaphore cookbook: {book_ratio:.2f}x")
     print(f"api_request_parallel_processor (round 1): {faithful[0]:,.0f} lines/s, corral run ")
     print(f"{runs[0] / faithful[0]:.2f}x of it ({load()})\n")
@@ -173,7 +186,7 @@ def bench_rss(sizes: list[int], concurrency: int) -> None:
 def bench_latency(n: int, concurrency: int, latency: float) -> None:
     ideal = n * latency / concurrency
     print(f"### {latency * 1000:.0f} ms latency, C={concurrency}, {n:,} lines: wall / ideal")
-    print(f"(ideal {ideal:.2f} s; {load()})\n\n| backend | run s | wall / ideal |\n|---|---:|---:|")
+    print(f"(ideal {ideal:.2f} s; {load()})\n\n| client | run s | wall / ideal |\n|---|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         source, out = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
         write_input(source, n)
@@ -183,7 +196,12 @@ def bench_latency(n: int, concurrency: int, latency: float) -> None:
                 cmd = corral_run(source, out, url, "--concurrency", str(concurrency))
                 _, _, _, stdout = child([*cmd, "--backend", backend])
                 elapsed = json.loads(stdout)["elapsed_s"]
-                print(f"| {backend} | {elapsed:.2f} | {elapsed / ideal:.3f} |")
+                print(f"| corral run, {backend} | {elapsed:.2f} | {elapsed / ideal:.3f} |")
+                # The bare transport on the same emulator, for the floor this machine allows.
+                cmd = [sys.executable, str(HERE / "transports.py"), "--child"]
+                cmd += [f"corral-h11-{backend}", "--url", url, "-n", str(n), "-c", str(concurrency)]
+                bare = n / json.loads(child(cmd)[3].strip().splitlines()[-1])["req_per_s"]
+                print(f"| bare H11Transport, {backend} | {bare:.2f} | {bare / ideal:.3f} |")
     print()
 
 
@@ -193,10 +211,11 @@ def main() -> None:
     parser.add_argument("-n", type=int)
     parser.add_argument("-c", "--concurrency", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--before", help="live: also run corral run from this source tree")
     args = parser.parse_args()
     print(f"Machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     if args.which == "live":
-        bench_live(args.n or 100_000, args.rounds, args.concurrency)
+        bench_live(args.n or 100_000, args.rounds, args.concurrency, args.before)
     elif args.which == "memory":
         bench_memory(args.n or 100_000, args.rounds, args.concurrency)
     elif args.which == "rss":
