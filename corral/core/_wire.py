@@ -7,6 +7,7 @@ next to the typed fields so nothing the provider sent is lost.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -47,8 +48,33 @@ __all__ = [
 ]
 
 
+_UNSET: Any = object()
+
+
 def _join(base_url: str, path: str) -> str:
     return base_url.rstrip("/") + "/" + path.lstrip("/")
+
+
+@functools.lru_cache(maxsize=64)
+def _prepared(
+    base_url: str,
+    path: str,
+    api_key: str | None,
+    extra: tuple[tuple[str, str], ...],
+    get: bool,
+    stream: bool,
+) -> tuple[str, Headers]:
+    """The URL and header fields of one kind of request, built once: a client sends the same
+    ones on every call, and a shared ``Headers`` checks its wire form once (``Headers.raw``)."""
+    headers: list[tuple[str, str]] = [
+        ("accept", "text/event-stream" if stream else "application/json")
+    ]
+    if api_key:
+        headers.append(("authorization", f"Bearer {api_key}"))
+    if not get:
+        headers.append(("content-type", "application/json"))
+    headers.extend(extra)
+    return _join(base_url, path), Headers(headers)
 
 
 def api_request(
@@ -61,28 +87,25 @@ def api_request(
     options: RequestOptions | None = None,
 ) -> Request:
     """A POST (or GET when ``body`` is None) to ``base_url + path`` with JSON and Bearer auth."""
-    headers: list[tuple[str, str]] = [("accept", "application/json")]
-    if api_key:
-        headers.append(("authorization", f"Bearer {api_key}"))
-    if body is not None:
-        headers.append(("content-type", "application/json"))
-    if extra_headers:
-        headers.extend(extra_headers.items())
     opts = options or RequestOptions()
+    stream = False
     if body is not None:
         stream = bool(body.get("stream"))
         model = body.get("model")
         model = model if isinstance(model, str) else None
         if (stream and not opts.stream) or (model and not opts.model):  # else as it is
             opts = attrs.evolve(opts, stream=stream or opts.stream, model=opts.model or model)
-        if stream:
-            headers[0] = ("accept", "text/event-stream")
+    extra = tuple(extra_headers.items()) if extra_headers else ()
+    try:
+        url, headers = _prepared(base_url, path, api_key, extra, body is None, stream)
+    except TypeError:  # an unhashable header value: built for this call alone
+        url, headers = _prepared.__wrapped__(base_url, path, api_key, extra, body is None, stream)
     return Request(
-        method="GET" if body is None else "POST",
-        url=_join(base_url, path),
-        headers=Headers(headers),
-        body=b"" if body is None else jsonlib.dumps(body),
-        options=opts,
+        "GET" if body is None else "POST",
+        url,
+        headers,
+        b"" if body is None else jsonlib.dumps(body),
+        opts,
     )
 
 
@@ -243,7 +266,9 @@ def _choices(raw: Any, what: str) -> list[Mapping[str, Any]]:
     return raw
 
 
-def parse_chat(data: Mapping[str, Any]) -> ChatCompletion:
+def parse_chat(data: Mapping[str, Any], usage: Usage | None = _UNSET) -> ChatCompletion:
+    """A ``ChatCompletion`` from a decoded body; ``usage``: its ``usage`` already parsed (by
+    ``response_usage``, for Metrics), so it is not parsed twice."""
     choices = []
     for i, raw in enumerate(_choices(data.get("choices"), "chat completion")):
         msg = raw.get("message")
@@ -262,12 +287,14 @@ def parse_chat(data: Mapping[str, Any]) -> ChatCompletion:
                 _opt_str(raw.get("finish_reason")),
             )
         )
-    usage = data.get("usage")
+    if usage is _UNSET:
+        raw_usage = data.get("usage")
+        usage = None if raw_usage is None else Usage.parse(raw_usage)
     return ChatCompletion(
         _str(data.get("id")),
         _str(data.get("model")),
         tuple(choices),
-        None if usage is None else Usage.parse(usage),
+        usage,
         data,
     )
 
@@ -275,7 +302,8 @@ def parse_chat(data: Mapping[str, Any]) -> ChatCompletion:
 def decode_chat(response: Response, *, secrets: Iterable[str] = ()) -> ChatCompletion:
     """A chat completion from a response; an error status raises its typed ``APIError``, a body
     that does not decode raises ``MalformedResponse`` (``secrets`` are scrubbed from both)."""
-    return parse_chat(decode_json(response, secrets=secrets))
+    data = decode_json(response, secrets=secrets)
+    return parse_chat(data, response._parsed.get("usage", _UNSET))
 
 
 @attrs.frozen
