@@ -1,9 +1,11 @@
 """Instructions per ``Client.chat`` on MemoryTransport, with no middleware (what the client
-itself costs: building the request, classifying and decoding the answer) or the default stack;
-a figure a busy machine does not blur. Run under callgrind and divide by the calls:
+itself costs: building the request, classifying and decoding the answer), the default stack, or
+one of its layers alone; a figure a busy machine does not blur. Run under callgrind and divide by
+the calls:
 
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out \\
-        python benchmarks/client_instructions.py bare 2000
+        python benchmarks/client_instructions.py bare 2000    # or default, metrics, deadline,
+                                                               # retry, breaker, concurrency
     callgrind_annotate /tmp/cg.out | grep TOTALS    # subtract a run with 0 calls
 
 Works on any corral that exports ``Client`` and ``MemoryTransport`` (two trees, call for call).
@@ -16,7 +18,7 @@ import sys
 
 import anyio
 
-from corral import Client
+from corral import CircuitBreaker, Client, ConcurrencyLimit, Deadline, Metrics, Retry
 from corral.core import Response
 from corral.transports import MemoryTransport
 
@@ -37,6 +39,17 @@ BODY = json.dumps(
 ).encode()
 
 
+STACKS = {
+    "bare": list,
+    "default": lambda: None,
+    "metrics": lambda: [Metrics()],
+    "deadline": lambda: [Deadline(600)],
+    "retry": lambda: [Retry()],
+    "breaker": lambda: [CircuitBreaker()],
+    "concurrency": lambda: [ConcurrencyLimit(64)],
+}
+
+
 def answer(request: object) -> Response:
     return Response(200, [("content-type", "application/json")], BODY)
 
@@ -46,7 +59,7 @@ async def main(stack: str, calls: int) -> None:
         "http://emulated/v1",
         "sk-bench-key-1234567",
         transport=MemoryTransport(answer),
-        middleware=[] if stack == "bare" else None,
+        middleware=STACKS[stack](),
         model="gpt-4o-mini",
     ) as client:
         for _ in range(calls):

@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 import pytest
 
 from corral import Client
-from corral.core import Request, Response, api_request
+from corral._gate import Gate
+from corral._pacing import DEFAULT_EVERY
+from corral.core import Request, Response, api_request, build_stack
 from corral.core import _wire as wire
 from corral.core._headers import Headers
 from corral.core._wire import Usage
+from corral.middleware import ConcurrencyLimit
 from corral.transports import MemoryTransport
 
 pytestmark = pytest.mark.anyio
@@ -94,3 +98,49 @@ def test_shared_headers_are_the_ones_api_request_always_built() -> None:
             fields += list((extra or {}).items())
             assert request.headers.items() == Headers(fields).items()
             assert request.url == "http://h/v1/chat"
+
+
+async def ok_now(_: Request) -> Response:
+    """A transport that answers without ever reaching a checkpoint."""
+    return Response(200, [("content-type", "application/json")], BODY)
+
+
+def plain_chat() -> Request:
+    return api_request("http://h/v1", "/chat", {"model": "m"}, api_key=KEY)
+
+
+async def test_a_free_slot_is_taken_without_awaiting_the_gate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``ConcurrencyLimit`` takes a free slot in line; the gate's awaitable ``acquire`` only
+    when it must wait, or (once in ``DEFAULT_EVERY`` calls) to give the loop a turn."""
+    limit = ConcurrencyLimit(4)
+    awaited = 0
+    acquire = Gate.acquire
+
+    async def counting(gate: Gate) -> None:
+        nonlocal awaited
+        awaited += 1
+        await acquire(gate)
+
+    monkeypatch.setattr(Gate, "acquire", counting)
+    handler = build_stack([limit], ok_now)
+    for _ in range(10 * DEFAULT_EVERY):
+        assert (await handler(plain_chat())).status == 200
+    assert limit.in_flight == 0
+    assert awaited <= 10
+
+
+async def test_calls_that_never_wait_for_a_slot_can_still_be_cancelled() -> None:
+    """The in-line path still checkpoints every few calls: a loop of calls on a transport that
+    never suspends stops at a cancellation (bounded: it would run all 10**6 calls otherwise)."""
+    limit = ConcurrencyLimit(4)
+    handler = build_stack([limit], ok_now)
+    done = 0
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        for _ in range(10**6):
+            await handler(plain_chat())
+            done += 1
+    assert scope.cancelled_caught and done < DEFAULT_EVERY
+    assert limit.in_flight == 0

@@ -19,10 +19,12 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any, TypeGuard
 
+import anyio.lowlevel
 import attrs
 
 from corral._clock import current_time
 from corral._gate import Gate
+from corral._pacing import DEFAULT_EVERY
 from corral.core._compose import Handler
 from corral.core._errors import (
     APIError,
@@ -158,6 +160,7 @@ class ConcurrencyLimit:
         )
         self.policy = AIMDPolicy(self.config) if adaptive else None
         self._gate = Gate(limit)
+        self._left = DEFAULT_EVERY
 
     @property
     def in_flight(self) -> int:
@@ -173,7 +176,17 @@ class ConcurrencyLimit:
         """Hold a slot for the attempt while it is on the wire (a stream until its end), waiting
         for one if all are taken."""
         gate = self._gate
-        await gate.acquire()
+        # A free slot is taken in line: no awaitable to build and await for it. Every
+        # DEFAULT_EVERY calls (or when the slots are all taken) the gate's acquire runs, after a
+        # checkpoint: a loop of calls that never suspend below still honours cancellation.
+        left = self._left - 1
+        if left and gate.try_acquire():
+            self._left = left
+        else:
+            if not left:
+                self._left = DEFAULT_EVERY
+                await anyio.lowlevel.checkpoint()  # before taking anything: no slot to leak
+            await gate.acquire()
         try:
             response = await call_next(request)
         except CorralError as exc:
