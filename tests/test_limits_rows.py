@@ -188,12 +188,14 @@ def test_row_3_a_restart_after_sigkill_does_not_burst_into_the_full_window(
     sent from the run manifest (and the first answers' headers) and gets no 429."""
     source, out, trace = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "trace"
     write_lines(source, 150)
-    # 120,000 TPM over 2 s windows: 4,000 tokens (~75 lines) per window, ~4 s for the file.
-    config = EmulatorConfig(tpm=120_000, window=2.0, count="reserved")
+    # 48,000 TPM over 5 s windows: 4,000 tokens (~75 lines) per window, ~10 s for the file.
+    # (Over 2 s windows the limiter's headroom for the delay between admission and arrival,
+    # its 2% burst, was 40 ms: a loaded machine overran it.)
+    config = EmulatorConfig(tpm=48_000, window=5.0, count="reserved")
     env = {**os.environ, "OPENAI_API_KEY": "sk-test-row3"}
     with serve_in_thread(config) as emu:
         flags = ["run", str(source), "-o", str(out), "--base-url", emu.base_url, "--no-progress"]
-        flags += ["--tpm", "120000", "--window", "2"]
+        flags += ["--tpm", "48000", "--window", "5"]
         first = subprocess.Popen(corral_child(*flags), env=env, stderr=subprocess.DEVNULL)
         try:
             assert wait_until(lambda: emu.counts.get("ok", 0) >= 60, timeout=60, child=first)
