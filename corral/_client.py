@@ -252,15 +252,23 @@ class Client:
         client's key; ``send`` sends it."""
         if body is not None:  # the options the body implies, so they are built once
             model = body.get("model")
-            options.setdefault("model", model if isinstance(model, str) else None)
-            options.setdefault("stream", bool(body.get("stream")))
+            model = model if isinstance(model, str) else None
+            stream = bool(body.get("stream"))
+            if options:
+                options.setdefault("model", model)
+                options.setdefault("stream", stream)
+                built = RequestOptions(**options)
+            else:  # the usual call: positional, no keyword dict to unpack
+                built = RequestOptions(model, stream)
+        else:
+            built = RequestOptions(**options)
         return api_request(
             self.base_url,
             path,
             body,
             api_key=self._api_key,
             extra_headers=self._headers,
-            options=RequestOptions(**options),
+            options=built,
         )
 
     async def send(self, request: Request) -> Response:
@@ -315,7 +323,12 @@ class Client:
         """One chat completion. Extra keyword arguments go into the request body as they are."""
         body = self._chat_body(messages, model, params)
         body.pop("stream", None)
-        response = await self._checked(self.build_request("/chat/completions", body))
+        request = self.build_request("/chat/completions", body)
+        response = await self.send(request)  # ``_checked`` in line: one coroutine less per call
+        if response.status >= 400:
+            error = self.error_for(request, response)
+            if error is not None:
+                raise error
         return decode_chat(response, secrets=self._secrets)
 
     async def stream_chat(

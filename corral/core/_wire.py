@@ -259,8 +259,12 @@ def _field_error(what: str, field: str) -> MalformedResponse:
 
 
 def _choices(raw: Any, what: str) -> list[Mapping[str, Any]]:
-    if type(raw) is list and all(type(c) is dict for c in raw):  # decoded JSON: no ABC checks
-        return raw
+    if type(raw) is list:  # decoded JSON: no ABC checks (and a loop, not a generator: hot)
+        for c in raw:
+            if type(c) is not dict:
+                break
+        else:
+            return raw
     if not isinstance(raw, list) or not all(isinstance(c, Mapping) for c in raw):
         raise _field_error(what, "choices")
     return raw
@@ -275,7 +279,7 @@ def parse_chat(data: Mapping[str, Any], usage: Usage | None = _UNSET) -> ChatCom
         if type(msg) is not dict and not isinstance(msg, Mapping):  # dict first: ABC checks cost
             raise _field_error("chat completion", f"choices[{i}].message")
         content, role, calls = msg.get("content"), msg.get("role"), msg.get("tool_calls")
-        index = raw.get("index")
+        index, finish = raw.get("index"), raw.get("finish_reason")
         choices.append(
             Choice(
                 index if type(index) is int else _index(raw, i),
@@ -284,15 +288,16 @@ def parse_chat(data: Mapping[str, Any], usage: Usage | None = _UNSET) -> ChatCom
                     content if type(content) is str else _opt_str(content),
                     () if calls is None else _items(calls),
                 ),
-                _opt_str(raw.get("finish_reason")),
+                finish if type(finish) is str else _opt_str(finish),
             )
         )
     if usage is _UNSET:
         raw_usage = data.get("usage")
         usage = None if raw_usage is None else Usage.parse(raw_usage)
+    id_, model = data.get("id"), data.get("model")
     return ChatCompletion(
-        _str(data.get("id")),
-        _str(data.get("model")),
+        id_ if type(id_) is str else _str(id_),
+        model if type(model) is str else _str(model),
         tuple(choices),
         usage,
         data,
