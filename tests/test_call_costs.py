@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import anyio
+import anyio._core._tasks as anyio_tasks
 import pytest
 
 from corral import Client
@@ -19,7 +20,7 @@ from corral.core import Request, Response, api_request, build_stack
 from corral.core import _wire as wire
 from corral.core._headers import Headers
 from corral.core._wire import Usage
-from corral.middleware import ConcurrencyLimit
+from corral.middleware import ConcurrencyLimit, Deadline
 from corral.transports import MemoryTransport
 
 pytestmark = pytest.mark.anyio
@@ -144,3 +145,28 @@ async def test_calls_that_never_wait_for_a_slot_can_still_be_cancelled() -> None
             done += 1
     assert scope.cancelled_caught and done < DEFAULT_EVERY
     assert limit.in_flight == 0
+
+
+async def test_the_deadline_finds_anyio_s_backend_once_not_per_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``anyio.CancelScope()`` looks the backend up (sniffio) every time; the deadline's scope is
+    built from the backend's own class, found once."""
+    looked_up = 0
+    lookup = anyio_tasks.get_async_backend
+
+    def counting(*args: Any) -> Any:
+        nonlocal looked_up
+        looked_up += 1
+        return lookup(*args)
+
+    handler = build_stack([Deadline(600)], ok_now)
+    await handler(plain_chat())  # the first call may find it
+    monkeypatch.setattr(anyio_tasks, "get_async_backend", counting)
+    for _ in range(50):
+        assert (await handler(plain_chat())).status == 200
+    own = api_request("http://h/v1", "/chat", {"model": "m"}, api_key=KEY)
+    soon = own.with_deadline(anyio.current_time() + 60)  # its own deadline: a scope of its own
+    for _ in range(50):
+        assert (await handler(soon)).status == 200
+    assert looked_up == 0

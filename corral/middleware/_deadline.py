@@ -16,6 +16,7 @@ its own, and every call under trio (whose deadlines are cheap), gets a scope wit
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import anyio
@@ -71,6 +72,18 @@ class _Watch:
             scope.cancel()
 
 
+_SCOPES: dict[bool, type[anyio.CancelScope]] = {}
+
+
+def _scope(on_asyncio: bool, deadline: float = math.inf) -> anyio.CancelScope:
+    """``anyio.CancelScope(deadline=...)`` without its backend lookup (sniffio, ~2 µs) on every
+    call: the backend's own scope class, found once per backend by building one the usual way."""
+    cls = _SCOPES.get(on_asyncio)
+    if cls is None:
+        cls = _SCOPES[on_asyncio] = type(anyio.CancelScope())
+    return cls(deadline=deadline)
+
+
 class Deadline:
     """Middleware: give each call at most ``timeout`` seconds in total (all retries included).
 
@@ -102,10 +115,10 @@ class Deadline:
             raise DeadlineExceeded("the call's deadline had passed before it started")
         # Only the scope's own expiry is the deadline's: a TimeoutError from inside passes.
         if watch is None:
-            with anyio.CancelScope(deadline=deadline) as scope:
+            with _scope(running_loop() is not None, deadline) as scope:
                 response = await call_next(request)
         else:
-            with anyio.CancelScope() as scope:
+            with _scope(True) as scope:
                 watch.add(scope, deadline)
                 try:
                     response = await call_next(request)
