@@ -284,7 +284,7 @@ class CircuitBreaker:
         except BaseException:
             policy.abandon()
             raise
-        self._record(call, key, policy, response.error())
+        self._record(call, key, policy, None if response.status < 400 else response.error())
         return response
 
     @staticmethod

@@ -220,9 +220,13 @@ class Retry:
             except (TransportError, MalformedResponse) as exc:
                 error: CorralError = exc
             else:
-                if response.status >= 400 and response.stream is not None:
-                    response = await response.aread()
-                found: CorralError | None = response.error() or _malformed(response)
+                found: CorralError | None
+                if response.status < 400:  # no error status: only a malformed 200 to look for
+                    found = _malformed(response)
+                else:
+                    if response.stream is not None:
+                        response = await response.aread()
+                    found = response.error() or _malformed(response)
                 if found is None:
                     return response
                 error = found
