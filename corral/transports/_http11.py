@@ -51,6 +51,7 @@ from corral.transports._base import (
     split_url,
 )
 from corral.transports._chunked import ChunkedDecoder
+from corral.transports._fast_http import FALLBACK, Head, LengthDecoder, parse_head, request_bytes
 
 __all__ = ["BodySource", "H11Transport"]
 
@@ -59,6 +60,8 @@ _END = h11.EndOfMessage()  # events are immutable; one serves every request
 _NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _IDENTITY = (b"accept-encoding", b"identity")
+# A body read past h11 (fast_http or ChunkedDecoder), and whether the connection may be reused.
+_Decoded = tuple[ChunkedDecoder | LengthDecoder, bool]
 
 
 class BodySource(Protocol):
@@ -200,7 +203,7 @@ class H11Transport:
                 lease = _Lease(self, origin)
                 conn = lease.conn = await self._checkout(origin, timeouts, watch)
                 try:
-                    status, headers = await self._exchange(
+                    status, headers, decoded = await self._exchange(
                         conn, request, target, timeouts, watch, source
                     )
                 except _Stale:
@@ -208,13 +211,15 @@ class H11Transport:
                         TransportResent, self._clock(), reason="a reused connection closed unread"
                     )
                     conn = lease.conn = await self._connect(origin, timeouts, watch)
-                    status, headers = await self._exchange(
+                    status, headers, decoded = await self._exchange(
                         conn, request, target, timeouts, watch, source
                     )
                 first_byte = self._clock()
                 check_head(status, headers, self._max_response_bytes)
                 body = _Body(lease, timeouts, request.headers, self._max_response_bytes)
-                if _chunked(request.method, status, headers):
+                if decoded is not None:
+                    body.decode(*decoded)
+                elif _chunked(request.method, status, headers):
                     body.decode_chunks()
                 if request.options.stream:
                     return Response(
@@ -347,7 +352,7 @@ class H11Transport:
             )
             if reusable:
                 machine.start_next_cycle()
-        else:  # a body ChunkedDecoder read replaced h11 with a fresh one at its clean end
+        else:  # a body read past h11 left it idle, or replaced it at its clean end
             reusable = ours is h11.IDLE
         if reusable:
             conn.idle_since = self._clock()
@@ -365,7 +370,9 @@ class H11Transport:
         timeouts: Timeouts,
         watch: PhaseWatch,
         source: BodySource | None = None,
-    ) -> tuple[int, Headers]:
+    ) -> tuple[int, Headers, _Decoded | None]:
+        """Send the request, read the response head. An ordinary exchange goes past h11
+        (``_fast_http``); anything else, or a response head it does not take, goes through it."""
         reused = conn.idle_since > 0
         headers = [(b"host", conn.origin.host_bytes)]
         if "accept-encoding" not in request.headers:
@@ -377,22 +384,15 @@ class H11Transport:
         if "host" in extra or "content-length" in extra:
             extra = extra.without("host").without("content-length")
         headers.extend(extra.raw())  # checked once per Headers: h11 need not re-check them
-        try:
-            # _parsed=True is h11's flag for headers already validated (it uses it for what it
-            # parsed itself); method and target are still checked. Tested with h11 0.14-0.16.
-            head = h11.Request(
-                method=request.method.encode("ascii"),
-                target=target.encode("ascii"),
-                headers=headers,
-                _parsed=True,
-            )
-            data = conn.h11.send(head)
-            if request.body:
-                data += conn.h11.send(h11.Data(data=request.body))
-            if source is None:
-                data += conn.h11.send(_END)
-        except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
-            raise errors.InvalidInput(f"cannot encode request: {exc}") from None
+        data = None
+        if source is None:
+            with contextlib.suppress(UnicodeEncodeError):  # h11 names the problem below
+                data = request_bytes(
+                    request.method.encode("ascii"), target.encode("ascii"), headers, request.body
+                )
+        fast = data is not None
+        if data is None:
+            data = _h11_send(conn, request, target, headers, source is None)
         try:
             await self._write(conn, data, timeouts, watch)
             if source is not None:
@@ -404,13 +404,32 @@ class H11Transport:
             raise errors.WriteError(f"connection lost while sending: {exc!r}") from None
         watch.start("read", timeouts.read)
         got_bytes = False
+        if fast:
+            pieces: list[bytes] = []
+            while True:
+                chunk = await self._receive(
+                    conn, stale_ok=reused and not got_bytes, sink=pieces.append
+                )
+                got_bytes = got_bytes or bool(chunk)
+                buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                head = parse_head(buf, eof=not chunk)
+                if isinstance(head, Head):
+                    decoder = head.decoder(buf[head.end :])
+                    fields = Headers.from_raw(head.fields)
+                    return head.status, fields, (decoder, head.keep_alive)
+                if head is FALLBACK:  # h11 judges, in the state the request left it
+                    _h11_send(conn, request, target, headers, True)
+                    conn.h11.receive_data(buf)
+                    if not chunk:
+                        conn.h11.receive_data(b"")
+                    break
         while True:
             event = _next_event(conn, "bad response head")
             if event is h11.NEED_DATA:
                 chunk = await self._receive(conn, stale_ok=reused and not got_bytes)
                 got_bytes = got_bytes or bool(chunk)
             elif isinstance(event, h11.Response):
-                return event.status_code, Headers.from_raw(event.headers)
+                return event.status_code, Headers.from_raw(event.headers), None
             elif not isinstance(event, h11.InformationalResponse):
                 raise errors.RemoteProtocolError(
                     f"connection closed before a response ({type(event).__name__})",
@@ -481,6 +500,34 @@ class H11Transport:
         return chunk
 
 
+def _h11_send(
+    conn: _Connection,
+    request: Request,
+    target: str,
+    headers: list[tuple[bytes, bytes]],
+    whole: bool,
+) -> bytes:
+    """The request through ``conn``'s h11: its head and body, and its end when ``whole`` (a
+    ``BodySource``'s pieces follow otherwise)."""
+    try:
+        # _parsed=True is h11's flag for headers already validated (it uses it for what it
+        # parsed itself); method and target are still checked. Tested with h11 0.14-0.16.
+        head = h11.Request(
+            method=request.method.encode("ascii"),
+            target=target.encode("ascii"),
+            headers=headers,
+            _parsed=True,
+        )
+        data = conn.h11.send(head)
+        if request.body:
+            data += conn.h11.send(h11.Data(data=request.body))
+        if whole:
+            data += conn.h11.send(_END)
+    except (h11.LocalProtocolError, UnicodeEncodeError) as exc:
+        raise errors.InvalidInput(f"cannot encode request: {exc}") from None
+    return data
+
+
 def _on_asyncio() -> bool:
     try:
         asyncio.get_running_loop()
@@ -533,7 +580,8 @@ class _Body:
         self._limit = BodyLimit(max_bytes)
         self._pending: object = None  # the event h11 gave after the data it joined
         self._error: errors.CorralError | None = None  # found while joining: raised next
-        self._chunks: ChunkedDecoder | None = None
+        self._chunks: ChunkedDecoder | LengthDecoder | None = None  # a body read past h11
+        self._keep_alive = True
         self._waits: WaitBounds | None = None  # a streamed body's limits (built when read)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -585,6 +633,10 @@ class _Body:
                 raise _closed_early(event)
         return None
 
+    def decode(self, decoder: ChunkedDecoder | LengthDecoder, keep_alive: bool) -> None:
+        """Read this body with ``decoder`` (a head ``_fast_http`` read, h11 untouched)."""
+        self._chunks, self._keep_alive = decoder, keep_alive
+
     def decode_chunks(self) -> None:
         """Read this (chunked) body with ``ChunkedDecoder`` rather than h11's event per chunk,
         starting from the bytes h11 received past the head."""
@@ -596,7 +648,7 @@ class _Body:
             decoder.feed(b"")
 
     async def _next_decoded(
-        self, decoder: ChunkedDecoder, watch: PhaseWatch | None
+        self, decoder: ChunkedDecoder | LengthDecoder, watch: PhaseWatch | None
     ) -> bytes | None:
         while not self._lease.done:
             data = decoder.take()
@@ -606,8 +658,8 @@ class _Body:
             if decoder.error is not None:
                 raise decoder.error
             if decoder.done:
-                clean = not decoder.eof and not decoder.leftover
-                if clean:
+                clean = self._keep_alive and not decoder.eof and not decoder.leftover
+                if clean and self._conn.h11.our_state is not h11.IDLE:
                     self._conn.h11 = h11.Connection(h11.CLIENT)  # the next exchange's
                 await self._lease.finish(reusable=clean)
                 return None
