@@ -32,7 +32,6 @@ from corral.transports._fast_http import (
 )
 from corral.transports._http11 import H11Transport
 from tests import hostile
-from tests.test_chunked import _pieces
 
 # -- requests -------------------------------------------------------------------------------
 
@@ -152,6 +151,14 @@ def test_ordinary_requests_never_need_h11(names: list[str], values: list[str], b
 
 
 # -- responses ------------------------------------------------------------------------------
+
+
+def _pieces(raw: bytes, cuts: list[int]) -> list[bytes]:
+    """``raw`` split at ``cuts`` (taken modulo its length), no empty piece (b"" is the end)."""
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    pieces = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
+    return [p for p in pieces if p]
+
 
 Outcome = tuple[object, bytes, str, bytes, bool]
 
