@@ -3,11 +3,13 @@ hash collisions, fsyncs in large batches. No timing is asserted."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from corral.batch import _items, _store
+from corral.batch import _items
 from corral.batch._items import DuplicateCheck, IdSet
 from corral.batch._runner import BatchOptions, preflight
 from corral.batch._store import OutputWriter
@@ -67,8 +69,8 @@ def test_the_output_is_fsynced_in_batches_of_thousands(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     syncs: list[int] = []
-    monkeypatch.setattr(_store.os, "fsync", syncs.append)
-    monkeypatch.setattr(_store.time, "monotonic", lambda: 100.0)  # within one interval
+    monkeypatch.setattr(os, "fsync", syncs.append)  # _store calls os.fsync, time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: 100.0)  # within one interval
     writer = OutputWriter(tmp_path / "out.jsonl")
     for i in range(5000):
         writer.write(b'{"custom_id": "r%d"}\n' % i)
