@@ -13,6 +13,14 @@ bare transport) they split a call's cost into transport, client and stack.
 
 Each variant runs in its own process pinned to core 0; the emulator runs pinned to core 1.
 Prints a Markdown table for docs/benchmarks.md.
+
+Instructions per request, a figure the machine's load does not blur: start an emulator
+(``python -m corral.cli serve --port 8123``), run one client under callgrind at two N and divide
+the difference (the warm-up and start-up cancel out); ``PYTHONPATH=DIR`` for another tree:
+
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out python benchmarks/transports.py \
+        --child corral-h11-asyncio --url http://127.0.0.1:8123/v1 -n 2500    # and -n 500
+    callgrind_annotate /tmp/cg.out | grep TOTALS
 """
 
 from __future__ import annotations

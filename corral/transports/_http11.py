@@ -16,6 +16,10 @@ at most ``max_response_bytes``. A connection is pooled again only when nothing u
 the response, so bytes a server sends past its answer never become the next request's answer.
 A request body too big to hold (a file upload) goes out in pieces through ``send_streaming``,
 each piece under the write timeout.
+
+Wire format: h11 is the reference. The ordinary exchange (a request of checked fields, answered
+by an ``HTTP/1.1`` head with a length or chunked body) is written and read by ``_fast_http``
+without h11's state machine; h11 reads anything else from the same bytes.
 """
 
 from __future__ import annotations
