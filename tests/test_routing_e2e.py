@@ -175,7 +175,11 @@ def test_four_processes_share_one_budget_through_redis(
     spent = emulator.spent_usd
     assert spent <= cap, (spent, cap)
     assert spent >= 0.95 * cap, (spent, cap)
-    assert set(codes) == {ExitCode.BUDGET}, [err.decode()[-2000:] for _, err in outputs]
-    written = sum(len((tmp_path / f"out{i}.jsonl").read_text().splitlines()) for i in range(4))
-    assert written == emulator.counts["ok"] < 1200  # nothing written for lines not sent
+    lines = [len((tmp_path / f"out{i}.jsonl").read_text().splitlines()) for i in range(4)]
+    # A process stops at the cap (exit 3), or ends normally having sent all its 300 lines
+    # before the others used the rest (a child that started early on a loaded machine).
+    for code, written, (_, err) in zip(codes, lines, outputs, strict=True):
+        assert code == ExitCode.BUDGET or (code == 0 and written == 300), err.decode()[-2000:]
+    assert ExitCode.BUDGET in codes
+    assert sum(lines) == emulator.counts["ok"] < 1200  # nothing written for lines not sent
     assert all(b"spent of the $0.02 cap" in err for _, err in outputs)
