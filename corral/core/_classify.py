@@ -229,8 +229,13 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     replaced by ``[redacted]`` (so ``Bearer <key>`` becomes ``Bearer [redacted]``, and a key a
     server half-masks loses what it showed of it). Secrets shorter than that are masked whole.
     """
-    key = tuple(sorted(set(secrets)))
-    if not text or not any(chunk in text for chunk in _screen(key)):
+    key = secrets if type(secrets) is tuple else tuple(sorted(set(secrets)))
+    if not text:
+        return text
+    for chunk in _screen(key):  # a loop, not any(): this runs on every response a batch keeps
+        if chunk in text:
+            break
+    else:
         return text
     pattern = _piece_pattern(key)
     if pattern is None:

@@ -26,7 +26,7 @@ __all__ = [
 
 
 def _headers(value: Any) -> Headers:
-    return value if isinstance(value, Headers) else Headers(value)
+    return value if type(value) is Headers or isinstance(value, Headers) else Headers(value)
 
 
 @runtime_checkable
