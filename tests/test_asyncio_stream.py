@@ -124,3 +124,45 @@ async def test_peer_close_is_seen_when_idle_and_ends_the_stream(
     await stream.aclose()
     with pytest.raises(anyio.ClosedResourceError):
         await stream.send(b"x")
+
+
+async def test_connections_share_one_read_buffer_and_each_keeps_its_own_bytes() -> None:
+    """asyncio's plain protocols get a fresh 256 KiB bytes per read (an mmap, a mremap and a
+    munmap each); a buffered protocol reads into one buffer per thread and copies out what came."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(2)
+    patterns = [bytes([n]) * 300_000 for n in (1, 2)]
+
+    def serve() -> None:
+        conns = [server.accept()[0] for _ in patterns]
+        for offset in range(0, 300_000, 50_000):  # interleaved, so reads of both alternate
+            for conn, pattern in zip(conns, patterns, strict=True):
+                conn.sendall(pattern[offset : offset + 50_000])
+        for conn in conns:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    streams = [await open_asyncio_stream("127.0.0.1", port, None) for _ in patterns]
+    try:
+        first, second = (s._protocol for s in streams)
+        assert first.get_buffer(-1) is second.get_buffer(-1)
+        got = [bytearray(), bytearray()]
+
+        async def drain(i: int) -> None:
+            with pytest.raises(anyio.EndOfStream):
+                while True:
+                    got[i] += await streams[i].receive()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for i in range(2):
+                    tg.start_soon(drain, i)
+        assert [bytes(g) for g in got] == patterns
+    finally:
+        for stream in streams:
+            await stream.aclose()
+        thread.join(timeout=5)
+        server.close()
