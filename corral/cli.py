@@ -135,7 +135,11 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--transport", choices=TRANSPORTS, default="h11", help="HTTP client to use")
     g.add_argument(
-        "--backend", choices=["asyncio", "trio"], default="asyncio", help="event loop (trio extra)"
+        "--backend",
+        choices=["asyncio", "uvloop", "trio"],
+        default="asyncio",
+        help="event loop: asyncio, asyncio on uvloop (speed extra; less CPU per line), or trio "
+        "(trio extra)",
     )
 
 
@@ -408,6 +412,9 @@ def _job(args: argparse.Namespace, argv: Sequence[str]) -> BatchJob:
     if args.backend == "trio":
         with needs_extra("trio", "--backend trio"):
             import trio  # noqa: F401
+    if args.backend == "uvloop":
+        with needs_extra("speed", "--backend uvloop"):
+            import uvloop  # noqa: F401
     return BatchJob(
         input=args.input,
         output=args.output,
@@ -681,7 +688,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from corral.integrations.ray import run_ray_job
 
             return int(run_ray_job(job).exit_code)
-        result = anyio.run(run_job, job, backend=args.backend)
+        uvloop = args.backend == "uvloop"  # anyio's asyncio backend, on uvloop's loop
+        backend = "asyncio" if uvloop else args.backend
+        options = {"use_uvloop": True} if uvloop else {}
+        result = anyio.run(run_job, job, backend=backend, backend_options=options)
         return int(result.exit_code)
     except InvalidInput as exc:
         print(f"corral: {exc}", file=sys.stderr)

@@ -188,6 +188,23 @@ def test_cli_runs_on_every_transport(
         assert emu.counts["received"] == 10
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
+def test_cli_runs_on_every_event_loop(
+    backend: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = tmp_path / "in.jsonl"
+    write_input(source, 10)
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY_KEY)
+    with serve_in_thread() as emu:
+        args = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", emu.base_url]
+        assert main([*args, "--json", "--no-progress", "--backend", backend]) == 0
+        assert json.loads(capsys.readouterr().out)["this_run"]["succeeded"] == 10
+        assert emu.counts["received"] == 10
+
+
 def test_cli_cache_serves_a_second_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -560,6 +560,7 @@ REFUSALS: dict[str, Any] = {
         "10",
     ],
     "trio extra missing": lambda t: ["run", t["in"], "-o", t["out"], "--backend", "trio"],
+    "uvloop missing": lambda t: ["run", t["in"], "-o", t["out"], "--backend", "uvloop"],
     "aiohttp on trio": lambda t: [
         "run",
         t["in"],
@@ -601,6 +602,7 @@ _MISSING_EXTRA = {
         ["corral.middleware._shared_ratelimit"],
     ),
     "trio extra missing": (["trio"], []),
+    "uvloop missing": (["uvloop"], []),
 }
 
 
