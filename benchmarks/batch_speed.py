@@ -55,10 +55,10 @@ def child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
         return wall, cpu, usage.ru_maxrss / 1024, stdout.read()
 
 
-def bare_h11(url: str, n: int, concurrency: int) -> tuple[float, float]:
+def bare_h11(url: str, n: int, concurrency: int, backend: str) -> tuple[float, float]:
     """(req/s, CPU us/req) of the bare H11Transport (benchmarks/transports.py's worker loop,
-    warmed up)."""
-    cmd = [sys.executable, str(HERE / "transports.py"), "--child", "corral-h11-asyncio"]
+    warmed up) on ``backend`` (asyncio, uvloop or trio)."""
+    cmd = [sys.executable, str(HERE / "transports.py"), "--child", f"corral-h11-{backend}"]
     cmd += ["--url", url, "-n", str(n), "-c", str(concurrency)]
     _, _, _, out = child(cmd)
     result = json.loads(out.strip().splitlines()[-1])
@@ -69,8 +69,9 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def bench_live(n: int, rounds: int, concurrency: int, before: str | None) -> None:
-    print(f"### `corral run`, {n:,} lines, zero latency, C={concurrency} ({load()})\n")
+def bench_live(n: int, rounds: int, concurrency: int, before: str | None, backend: str) -> None:
+    print(f"### `corral run --backend {backend}`, {n:,} lines, zero latency, C={concurrency}")
+    print(f"(the bare H11Transport on {backend} too; the cookbooks on asyncio; {load()})\n")
     print(
         "| round | bare H11 req/s (CPU us/req) | corral run lines/s (CPU us/line) | ratio |", end=""
     )
@@ -80,15 +81,15 @@ def bench_live(n: int, rounds: int, concurrency: int, before: str | None) -> Non
         source, out = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
         write_input(source, n)
         for r in range(rounds):
-            h11, h11_cpu = bare_h11(url, n, concurrency)
+            h11, h11_cpu = bare_h11(url, n, concurrency, backend)
             out.unlink(missing_ok=True)
-            wall, cpu, _, _ = child(corral_run(source, out, url, "--concurrency", str(concurrency)))
+            flags = ("--concurrency", str(concurrency), "--backend", backend)
+            wall, cpu, _, _ = child(corral_run(source, out, url, *flags))
             assert sum(1 for _ in out.open()) == n
             out.unlink()
             if before is not None:  # the same command on an older checkout, for before/after
                 was, _, _, _ = child(
-                    corral_run(source, out, url, "--concurrency", str(concurrency)),
-                    env={"PYTHONPATH": before},
+                    corral_run(source, out, url, *flags), env={"PYTHONPATH": before}
                 )
                 out.unlink()
                 print(f"|   | (before: {n / was:,.0f} lines/s, {n / was / h11:.2f}x) | | | |")
@@ -186,22 +187,26 @@ def bench_rss(sizes: list[int], concurrency: int) -> None:
 def bench_latency(n: int, concurrency: int, latency: float) -> None:
     ideal = n * latency / concurrency
     print(f"### {latency * 1000:.0f} ms latency, C={concurrency}, {n:,} lines: wall / ideal")
-    print(f"(ideal {ideal:.2f} s; {load()})\n\n| client | run s | wall / ideal |\n|---|---:|---:|")
+    print(f"(ideal {ideal:.2f} s; {load()})\n")
+    print("| client | run s | wall / ideal | CPU us/line |\n|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         source, out = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
         write_input(source, n)
         with emulator_process("--latency", str(latency)) as url:
-            for backend in ("asyncio", "trio"):
+            for backend in ("asyncio", "uvloop", "trio"):
                 out.unlink(missing_ok=True)
                 cmd = corral_run(source, out, url, "--concurrency", str(concurrency))
-                _, _, _, stdout = child([*cmd, "--backend", backend])
+                _, cpu, _, stdout = child([*cmd, "--backend", backend])
                 elapsed = json.loads(stdout)["elapsed_s"]
-                print(f"| corral run, {backend} | {elapsed:.2f} | {elapsed / ideal:.3f} |")
+                row = f"| corral run, {backend} | {elapsed:.2f} | {elapsed / ideal:.3f}"
+                print(f"{row} | {cpu / n * 1e6:.0f} |")
                 # The bare transport on the same emulator, for the floor this machine allows.
                 cmd = [sys.executable, str(HERE / "transports.py"), "--child"]
                 cmd += [f"corral-h11-{backend}", "--url", url, "-n", str(n), "-c", str(concurrency)]
-                bare = n / json.loads(child(cmd)[3].strip().splitlines()[-1])["req_per_s"]
-                print(f"| bare H11Transport, {backend} | {bare:.2f} | {bare / ideal:.3f} |")
+                result = json.loads(child(cmd)[3].strip().splitlines()[-1])
+                bare = n / result["req_per_s"]
+                row = f"| bare H11Transport, {backend} | {bare:.2f} | {bare / ideal:.3f}"
+                print(f"{row} | {result['cpu_us_per_req']:.0f} |")
     print()
 
 
@@ -212,10 +217,13 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", help="live: also run corral run from this source tree")
+    parser.add_argument(
+        "--backend", default="asyncio", choices=["asyncio", "uvloop", "trio"], help="live: loop"
+    )
     args = parser.parse_args()
     print(f"Machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     if args.which == "live":
-        bench_live(args.n or 100_000, args.rounds, args.concurrency, args.before)
+        bench_live(args.n or 100_000, args.rounds, args.concurrency, args.before, args.backend)
     elif args.which == "memory":
         bench_memory(args.n or 100_000, args.rounds, args.concurrency)
     elif args.which == "rss":

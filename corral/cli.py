@@ -138,8 +138,7 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=["asyncio", "uvloop", "trio"],
         default="asyncio",
-        help="event loop: asyncio, asyncio on uvloop (speed extra; less CPU per line), or trio "
-        "(trio extra)",
+        help="event loop: asyncio, asyncio on uvloop (speed extra), or trio (trio extra)",
     )
 
 
