@@ -21,6 +21,7 @@ from corral.core import _wire as wire
 from corral.core._headers import Headers
 from corral.core._wire import Usage
 from corral.middleware import ConcurrencyLimit, Deadline
+from corral.testing.server import RunningEmulator
 from corral.transports import MemoryTransport
 
 pytestmark = pytest.mark.anyio
@@ -170,3 +171,35 @@ async def test_the_deadline_finds_anyio_s_backend_once_not_per_call(
     for _ in range(50):
         assert (await handler(soon)).status == 200
     assert looked_up == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_h11_on_asyncio_times_an_ordinary_request_without_a_cancel_scope(
+    monkeypatch: pytest.MonkeyPatch, emulator: RunningEmulator
+) -> None:
+    """Reads take the connection's own timer (``receive_until``): no scope, and no timer armed
+    and cancelled, per request. A wait for a pool slot or a connect still gets one."""
+    from anyio._backends._asyncio import CancelScope
+
+    from corral.transports import H11Transport
+
+    entered = 0
+    enter = CancelScope.__enter__
+
+    def counting(scope: CancelScope) -> CancelScope:
+        nonlocal entered
+        entered += 1
+        return enter(scope)
+
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    request = api_request(emulator.base_url, "/chat/completions", body, api_key=KEY)
+    async with H11Transport(max_connections=1) as transport:
+        assert (await transport(request)).status == 200  # connects: a scope for the connect
+        monkeypatch.setattr(CancelScope, "__enter__", counting)
+        for _ in range(20):
+            assert (await transport(request)).status == 200
+        assert entered == 0
+        async with anyio.create_task_group() as tg:  # two at once on one connection: one waits
+            for _ in range(2):
+                tg.start_soon(transport, request)
+        assert entered >= 1

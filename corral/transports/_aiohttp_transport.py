@@ -123,7 +123,7 @@ class AiohttpTransport:
             watch.start("read", _total(timeouts))
         reply = None
         try:
-            with watch.scope:
+            with watch.attempt_scope():
                 reply = await session.request(
                     request.method,
                     request.url,

@@ -18,8 +18,8 @@ from __future__ import annotations
 import functools
 import math
 import ssl
-from collections.abc import AsyncGenerator
-from typing import Protocol
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+T = TypeVar("T")
 
 _TIMEOUTS: dict[str, type[errors.APITimeoutError]] = {
     "pool": errors.PoolTimeout,
@@ -107,19 +109,44 @@ def split_url(url: str) -> tuple[Origin, str]:
 
 
 class PhaseWatch:
-    """One cancel scope per attempt whose deadline moves with the phase (pool, connect, write,
-    read). Moving one deadline costs almost nothing; a scope per socket operation costs CPU."""
+    """The phase (pool, connect, write, read) an attempt is in, and its time limit.
 
-    __slots__ = ("limit", "phase", "scope")
+    Scoped (the default): one cancel scope for the whole attempt, whose deadline moves with the
+    phase; moving a deadline costs almost nothing, a scope per socket operation costs CPU.
+    Unscoped (``scoped=False``, for a transport whose reads take a deadline of their own, like
+    ``AsyncioStream.receive_until``): no scope per attempt at all; ``until`` is the current
+    phase's deadline for such reads, and the rare other waits (a pool slot, a connect, a full
+    send buffer) go through ``wait``, which gives them a scope of their own.
+    """
 
-    def __init__(self, phase: str = "pool") -> None:
-        self.scope = anyio.CancelScope()
+    __slots__ = ("limit", "phase", "scope", "until")
+
+    def __init__(self, phase: str = "pool", *, scoped: bool = True) -> None:
+        self.scope = anyio.CancelScope() if scoped else None
         self.phase = phase
         self.limit: float | None = None
+        self.until: float | None = None
 
     def start(self, phase: str, seconds: float | None) -> None:
         self.phase, self.limit = phase, seconds
-        self.scope.deadline = math.inf if seconds is None else current_time() + seconds
+        if self.scope is not None:
+            self.scope.deadline = math.inf if seconds is None else current_time() + seconds
+        else:
+            self.until = None if seconds is None else current_time() + seconds
+
+    async def wait(self, phase: str, seconds: float | None, awaitable: Awaitable[T]) -> T:
+        """``awaitable`` under the limit of ``phase`` (which starts now)."""
+        self.start(phase, seconds)
+        if self.scope is not None:  # the attempt's scope times it
+            return await awaitable
+        with anyio.CancelScope(deadline=math.inf if self.until is None else self.until):
+            return await awaitable
+        raise self.error()  # reached only when that scope's deadline fired
+
+    def attempt_scope(self) -> anyio.CancelScope:
+        """The scope that times a scoped watch's whole attempt (enter it around the attempt)."""
+        assert self.scope is not None, "an unscoped PhaseWatch times each wait on its own"
+        return self.scope
 
     @property
     def request_sent(self) -> bool:

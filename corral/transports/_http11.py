@@ -29,7 +29,7 @@ import contextlib
 import math
 import socket
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import anyio
@@ -194,56 +194,67 @@ class H11Transport:
     async def _request(self, request: Request, source: BodySource | None) -> Response:
         if self._closed:
             raise errors.ConnectError("transport is closed")
-        origin, target = split_url(request.url)
         timeouts = request.options.timeouts or self._timeouts
-        started = self._clock()
-        watch = PhaseWatch()
-        lease: _Lease | None = None
+        # On asyncio every wait is timed where it happens (reads by the connection's own timer):
+        # no cancel scope per attempt. Under trio one scope times the attempt, phase by phase.
+        watch = PhaseWatch(scoped=not _on_asyncio())
+        leases: list[_Lease] = []  # the attempt's connection lease, once it has one
         try:
+            if watch.scope is None:
+                return await self._attempt(request, source, timeouts, watch, leases)
             with watch.scope:
-                if not self._try_acquire(origin):  # arm the pool timer only when waiting
-                    watch.start("pool", timeouts.pool)
-                    await self._acquire(origin)
-                lease = _Lease(self, origin)
-                conn = lease.conn = await self._checkout(origin, timeouts, watch)
-                try:
-                    status, headers, decoded = await self._exchange(
-                        conn, request, target, timeouts, watch, source
-                    )
-                except _Stale:
-                    request.options.call.emit(
-                        TransportResent, self._clock(), reason="a reused connection closed unread"
-                    )
-                    conn = lease.conn = await self._connect(origin, timeouts, watch)
-                    status, headers, decoded = await self._exchange(
-                        conn, request, target, timeouts, watch, source
-                    )
-                first_byte = self._clock()
-                check_head(status, headers, self._max_response_bytes)
-                body = _Body(lease, timeouts, request.headers, self._max_response_bytes)
-                if decoded is not None:
-                    body.decode(*decoded)
-                elif _chunked(request.method, status, headers):
-                    body.decode_chunks()
-                if request.options.stream:
-                    return Response(
-                        status, headers, stream=body, timing=Timing(started, first_byte)
-                    )
-                data = await body.read_all(watch)
-                timing = Timing(started, first_byte, self._clock())
-                return Response(status, headers, data, timing=timing)
+                return await self._attempt(request, source, timeouts, watch, leases)
         except errors.CorralError as exc:
-            if lease is not None:
-                await lease.finish(reusable=False)
+            if leases:
+                await leases[0].finish(reusable=False)
             raise scrub(exc, request.headers) from None
         except BaseException:
-            if lease is not None:
-                await lease.finish(reusable=False)
+            if leases:
+                await leases[0].finish(reusable=False)
             raise
         # Only reached when the scope's own deadline fired.
-        if lease is not None:
-            await lease.finish(reusable=False)
+        if leases:
+            await leases[0].finish(reusable=False)
         raise watch.error()
+
+    async def _attempt(
+        self,
+        request: Request,
+        source: BodySource | None,
+        timeouts: Timeouts,
+        watch: PhaseWatch,
+        leases: list[_Lease],
+    ) -> Response:
+        origin, target = split_url(request.url)
+        started = self._clock()
+        if not self._try_acquire(origin):  # time the pool only when waiting
+            await watch.wait("pool", timeouts.pool, self._acquire(origin))
+        lease = _Lease(self, origin)
+        leases.append(lease)
+        conn = lease.conn = await self._checkout(origin, timeouts, watch)
+        try:
+            status, headers, decoded = await self._exchange(
+                conn, request, target, timeouts, watch, source
+            )
+        except _Stale:
+            request.options.call.emit(
+                TransportResent, self._clock(), reason="a reused connection closed unread"
+            )
+            conn = lease.conn = await self._connect(origin, timeouts, watch)
+            status, headers, decoded = await self._exchange(
+                conn, request, target, timeouts, watch, source
+            )
+        first_byte = self._clock()
+        check_head(status, headers, self._max_response_bytes)
+        body = _Body(lease, timeouts, request.headers, self._max_response_bytes)
+        if decoded is not None:
+            body.decode(*decoded)
+        elif _chunked(request.method, status, headers):
+            body.decode_chunks()
+        if request.options.stream:
+            return Response(status, headers, stream=body, timing=Timing(started, first_byte))
+        data = await body.read_all(watch)
+        return Response(status, headers, data, timing=Timing(started, first_byte, self._clock()))
 
     async def aclose(self) -> None:
         """Refuse further requests and close the idle pooled connections."""
@@ -309,22 +320,22 @@ class H11Transport:
     async def _connect(self, origin: Origin, timeouts: Timeouts, watch: PhaseWatch) -> _Connection:
         if self._open >= self._max_connections:
             await self._evict_one_idle()
-        watch.start("connect", timeouts.connect)
         tls = None
         if origin.scheme == "https":
             if self._ssl_context is None:
                 self._ssl_context = ssl.create_default_context()
             tls = self._ssl_context
         try:
-            stream: anyio.abc.ByteStream
+            opening: Awaitable[anyio.abc.ByteStream]
             if _on_asyncio():
-                stream = await open_asyncio_stream(origin.host, origin.port, tls)
+                opening = open_asyncio_stream(origin.host, origin.port, tls)
             elif tls is not None:
-                stream = await anyio.connect_tcp(
+                opening = anyio.connect_tcp(
                     origin.host, origin.port, ssl_context=tls, tls_standard_compatible=False
                 )
             else:
-                stream = await anyio.connect_tcp(origin.host, origin.port)
+                opening = anyio.connect_tcp(origin.host, origin.port)
+            stream = await watch.wait("connect", timeouts.connect, opening)
         except (OSError, ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
             text = f"cannot connect to {origin.host_header}: {exc!r}"
             raise connect_failure(text, exc, tls=tls is not None) from None
@@ -412,7 +423,7 @@ class H11Transport:
             pieces: list[bytes] = []
             while True:
                 chunk = await self._receive(
-                    conn, stale_ok=reused and not got_bytes, sink=pieces.append
+                    conn, stale_ok=reused and not got_bytes, sink=pieces.append, watch=watch
                 )
                 got_bytes = got_bytes or bool(chunk)
                 buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -430,7 +441,7 @@ class H11Transport:
         while True:
             event = _next_event(conn, "bad response head")
             if event is h11.NEED_DATA:
-                chunk = await self._receive(conn, stale_ok=reused and not got_bytes)
+                chunk = await self._receive(conn, stale_ok=reused and not got_bytes, watch=watch)
                 got_bytes = got_bytes or bool(chunk)
             elif isinstance(event, h11.Response):
                 return event.status_code, Headers.from_raw(event.headers), None
@@ -445,11 +456,9 @@ class H11Transport:
     ) -> None:
         stream = conn.stream
         if not isinstance(stream, AsyncioStream):
-            watch.start("write", timeouts.write)
-            await stream.send(data)
+            await watch.wait("write", timeouts.write, stream.send(data))
         elif stream.write(data):  # the kernel buffer is full: time the wait for it
-            watch.start("write", timeouts.write)
-            await stream.drain()
+            await watch.wait("write", timeouts.write, stream.drain())
 
     async def _write_pieces(
         self, conn: _Connection, source: BodySource, timeouts: Timeouts, watch: PhaseWatch
@@ -481,9 +490,16 @@ class H11Transport:
         stale_ok: bool = False,
         until: float | None = None,
         sink: Callable[[bytes], None] | None = None,
+        watch: PhaseWatch | None = None,
     ) -> bytes:
         """One read into ``conn``'s h11 (or ``sink``); ``until`` (an ``AsyncioStream`` only)
-        ends the wait with ``ReadTimedOut``."""
+        ends the wait with ``ReadTimedOut``, and an unscoped ``watch``'s deadline with the read
+        phase's timeout."""
+        if watch is not None and watch.scope is None and watch.until is not None:
+            try:
+                return await self._receive(conn, stale_ok=stale_ok, until=watch.until, sink=sink)
+            except ReadTimedOut:
+                raise watch.error() from None
         try:
             if until is not None:
                 assert isinstance(conn.stream, AsyncioStream)
@@ -710,7 +726,7 @@ class _Body:
         conn, transport = self._conn, self._lease.transport
         if watch is not None:
             watch.start("read", self._timeouts.read)
-            await transport._receive(conn, sink=sink)
+            await transport._receive(conn, sink=sink, watch=watch)
             return
         bounds = self._bounds()
         now = current_time()

@@ -170,7 +170,7 @@ class HttpxTransport:
             raise errors.InvalidInput(f"bad URL {request.url!r}: {exc}") from None
         reply = None
         try:
-            with watch.scope:
+            with watch.attempt_scope():
                 reply = await self._client.send(built, stream=True)
         except module.UnsupportedProtocol as exc:
             raise errors.InvalidInput(f"bad URL {request.url!r}: {exc}") from None
