@@ -19,7 +19,7 @@ if TYPE_CHECKING:
         parse_retry_after,
         parse_should_retry,
     )
-    from corral.core._compose import Clock, Handler, Middleware, build_stack
+    from corral.core._compose import Clock, Handler, Middleware, build_stack, honours_deadline
     from corral.core._headers import Headers
     from corral.core._models import (
         ByteStream,
@@ -67,6 +67,7 @@ __all__ = [
     "Usage",
     "api_request",
     "build_stack",
+    "honours_deadline",
     "classify",
     "decode_chat",
     "decode_embeddings",
@@ -96,7 +97,10 @@ __getattr__, __dir__ = lazy_exports(
             ],
             "corral.core._classify",
         ),
-        **dict.fromkeys(["Clock", "Handler", "Middleware", "build_stack"], "corral.core._compose"),
+        **dict.fromkeys(
+            ["Clock", "Handler", "Middleware", "build_stack", "honours_deadline"],
+            "corral.core._compose",
+        ),
         "Headers": "corral.core._headers",
         **dict.fromkeys(
             [

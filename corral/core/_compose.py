@@ -12,7 +12,7 @@ from typing import Protocol
 from corral.core._events import EventSink
 from corral.core._models import Request, Response
 
-__all__ = ["Clock", "Handler", "Middleware", "build_stack"]
+__all__ = ["Clock", "Handler", "Middleware", "build_stack", "honours_deadline"]
 
 Handler = Callable[[Request], Awaitable[Response]]
 """What a stack is and what a transport is: an async function from a request to its response."""
@@ -27,6 +27,14 @@ class Middleware(Protocol):
 
     def __call__(self, request: Request, call_next: Handler) -> Awaitable[Response]:
         """Handle ``request``, calling ``call_next`` for the layers below (any number of times)."""
+
+
+def honours_deadline(handler: object) -> bool:
+    """Whether ``handler`` bounds every wait of a call by ``request.options.deadline`` itself,
+    raising ``DeadlineExceeded`` when that is what ends it: a layer or transport says so with a
+    ``honours_deadline = True`` attribute, and a bound stack holds it when every part below does.
+    A ``Deadline`` above such a stack needs no cancel scope of its own."""
+    return getattr(handler, "honours_deadline", False) is True
 
 
 def build_stack(
@@ -50,6 +58,8 @@ def build_stack(
             call.sink = events
         return inner(request)
 
+    if honours_deadline(inner):
+        setattr(with_sink, "honours_deadline", True)  # noqa: B010 - a function's own attribute
     return with_sink
 
 
@@ -60,4 +70,6 @@ def _bind(layer: Middleware, call_next: Handler) -> Handler:
     def handler(request: Request) -> Awaitable[Response]:
         return layer(request, call_next)
 
+    if honours_deadline(layer) and honours_deadline(call_next):
+        setattr(handler, "honours_deadline", True)  # noqa: B010 - a function's own attribute
     return handler

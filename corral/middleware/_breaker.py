@@ -236,6 +236,9 @@ class CircuitBreaker:
     configuration; ``policies`` the state of each key's circuit.
     """
 
+    #: It never waits: a call goes on or is refused at once (``core._compose``).
+    honours_deadline = True
+
     def __init__(
         self,
         *,

@@ -30,6 +30,7 @@ from corral.core._errors import (
     APIError,
     APITimeoutError,
     CorralError,
+    DeadlineExceeded,
     InvalidInput,
     RateLimitError,
     ServerError,
@@ -127,6 +128,19 @@ class AIMDPolicy:
         return UNCHANGED if new == old else LimitChanged(old, new, reason)
 
 
+async def _acquire(gate: Gate, deadline: float | None) -> None:
+    """A slot, waiting no later than the call's ``deadline`` (a scope only for a real wait)."""
+    if deadline is None:
+        await gate.acquire()
+        return
+    if gate.try_acquire():
+        return
+    with anyio.CancelScope(deadline=deadline) as scope:
+        await gate.acquire()
+    if scope.cancelled_caught:
+        raise DeadlineExceeded("the call's deadline passed while it waited for a slot")
+
+
 class ConcurrencyLimit:
     """Middleware: at most ``limit`` attempts on the wire, or an adaptive limit.
 
@@ -139,6 +153,9 @@ class ConcurrencyLimit:
     Raises ``InvalidInput`` naming the field for a bad value. ``config`` is the frozen
     configuration, ``policy`` the adaptive state (None when fixed).
     """
+
+    #: A wait for a slot ends at the call's deadline (``core._compose``).
+    honours_deadline = True
 
     def __init__(
         self,
@@ -186,7 +203,7 @@ class ConcurrencyLimit:
             if not left:
                 self._left = DEFAULT_EVERY
                 await anyio.lowlevel.checkpoint()  # before taking anything: no slot to leak
-            await gate.acquire()
+            await _acquire(gate, request.options.deadline)
         try:
             response = await call_next(request)
         except CorralError as exc:

@@ -6,12 +6,17 @@ still arriving when the call returns its response, so the shell wraps it in a
 ``DeadlineStream``: the deadline bounds the whole call, body included. Times are on the event
 loop's clock (``corral._clock.current_time``).
 
-Most of a cancel scope's cost is its timer (one ``call_at`` and its cancellation per call on
-asyncio), and almost every call ends long before a deadline of minutes. So on asyncio the calls
-that take the layer's own timeout share one timer (``_Watch``): their deadlines come in the order
-the calls start, the timer waits for the oldest call still running, and when it fires it cancels
-every call past its deadline and waits for the next. A call that brings an earlier deadline of
-its own, and every call under trio (whose deadlines are cheap), gets a scope with its deadline.
+When every layer below and the transport bound their own waits by the call's deadline
+(``honours_deadline``: ``Retry``, ``CircuitBreaker``, ``ConcurrencyLimit`` and ``H11Transport``
+do), the shell passes the deadline down and enters no scope at all.
+
+Otherwise most of a cancel scope's cost is its timer (one ``call_at`` and its cancellation per
+call on asyncio), and almost every call ends long before a deadline of minutes. So on asyncio
+the calls that take the layer's own timeout share one timer (``_Watch``): their deadlines come
+in the order the calls start, the timer waits for the oldest call still running, and when it
+fires it cancels every call past its deadline and waits for the next. A call that brings an
+earlier deadline of its own, and every call under trio (whose deadlines are cheap), gets a
+scope with its deadline.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import attrs
 
 from corral._clock import current_time, running_loop
 from corral._streams import DeadlineStream
-from corral.core._compose import Handler
+from corral.core._compose import Handler, honours_deadline
 from corral.core._errors import DeadlineExceeded
 from corral.core._models import Request, Response
 from corral.middleware._checks import finite, optional
@@ -96,38 +101,49 @@ class Deadline:
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         """Give the call the earlier of its own deadline and ``timeout`` from now; past it the
-        layers below are cancelled and ``DeadlineExceeded`` is raised."""
+        layers below are cancelled (or end their own waits) and ``DeadlineExceeded`` is raised."""
         now = current_time()
         timeout = self.config.timeout
         deadline = request.options.deadline
-        watch = None
-        if timeout is not None and (deadline is None or now + timeout < deadline):
+        own = timeout is not None and (deadline is None or now + timeout < deadline)
+        if own:
+            assert timeout is not None
             deadline = now + timeout
             request = request.with_deadline(deadline)
-            loop = running_loop()
-            if loop is not None:
-                watch = self._watch
-                if watch is None or watch.loop is not loop:
-                    watch = self._watch = _Watch(loop)
         elif deadline is None:
             return await call_next(request)
+        assert deadline is not None
         if deadline <= now:
             raise DeadlineExceeded("the call's deadline had passed before it started")
-        # Only the scope's own expiry is the deadline's: a TimeoutError from inside passes.
-        if watch is None:
+        if honours_deadline(call_next):  # the layers below end their own waits at it
+            response = await call_next(request)
+        else:
+            response = await self._scoped(request, call_next, deadline, now, own)
+        if response.stream is None:
+            return response
+        return attrs.evolve(response, stream=DeadlineStream(response.stream, deadline))
+
+    async def _scoped(
+        self, request: Request, call_next: Handler, deadline: float, now: float, own: bool
+    ) -> Response:
+        """``call_next`` under a cancel scope that ends at ``deadline``."""
+        loop = running_loop() if own else None
+        if loop is None:  # trio, or a call that brought an earlier deadline of its own
             with _scope(running_loop() is not None, deadline) as scope:
                 response = await call_next(request)
         else:
+            watch = self._watch
+            if watch is None or watch.loop is not loop:
+                watch = self._watch = _Watch(loop)
             with _scope(True) as scope:
                 watch.add(scope, deadline)
                 try:
                     response = await call_next(request)
                 finally:
                     watch.scopes.pop(scope, None)
+        # Only the scope's own expiry is the deadline's: a TimeoutError from inside passes.
         if scope.cancelled_caught:
             raise DeadlineExceeded(
                 f"the call did not finish within its deadline ({deadline - now:.3g}s)"
             )
-        if response.stream is None:
-            return response
-        return attrs.evolve(response, stream=DeadlineStream(response.stream, deadline))
+        return response

@@ -177,6 +177,9 @@ class Retry:
         seed: seeds the jitter (None: from the system), for runs that must repeat exactly.
     """
 
+    #: It starts no sleep that would end past the call's deadline (``core._compose``).
+    honours_deadline = True
+
     def __init__(
         self,
         *,

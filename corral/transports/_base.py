@@ -117,22 +117,33 @@ class PhaseWatch:
     ``AsyncioStream.receive_until``): no scope per attempt at all; ``until`` is the current
     phase's deadline for such reads, and the rare other waits (a pool slot, a connect, a full
     send buffer) go through ``wait``, which gives them a scope of their own.
+
+    ``deadline``: the call's own (``request.options.deadline``); a phase ends at the earlier of
+    it and its timeout, with ``DeadlineExceeded`` when the deadline was the earlier.
     """
 
-    __slots__ = ("limit", "phase", "scope", "until")
+    __slots__ = ("by_deadline", "deadline", "limit", "phase", "scope", "until")
 
-    def __init__(self, phase: str = "pool", *, scoped: bool = True) -> None:
+    def __init__(
+        self, phase: str = "pool", *, scoped: bool = True, deadline: float | None = None
+    ) -> None:
         self.scope = anyio.CancelScope() if scoped else None
         self.phase = phase
         self.limit: float | None = None
         self.until: float | None = None
+        self.deadline = math.inf if deadline is None else deadline
+        self.by_deadline = False
 
     def start(self, phase: str, seconds: float | None) -> None:
         self.phase, self.limit = phase, seconds
+        end = math.inf if seconds is None else current_time() + seconds
+        self.by_deadline = self.deadline < end
+        if self.by_deadline:
+            end = self.deadline
         if self.scope is not None:
-            self.scope.deadline = math.inf if seconds is None else current_time() + seconds
+            self.scope.deadline = end
         else:
-            self.until = None if seconds is None else current_time() + seconds
+            self.until = None if end == math.inf else end
 
     async def wait(self, phase: str, seconds: float | None, awaitable: Awaitable[T]) -> T:
         """``awaitable`` under the limit of ``phase`` (which starts now)."""
@@ -152,8 +163,12 @@ class PhaseWatch:
     def request_sent(self) -> bool:
         return self.phase == "read"
 
-    def error(self) -> errors.APITimeoutError:
-        """The timeout of the phase whose deadline fired."""
+    def error(self) -> errors.APITimeoutError | errors.DeadlineExceeded:
+        """The timeout of the phase whose deadline fired, or the call's deadline."""
+        if self.by_deadline:
+            return errors.DeadlineExceeded(
+                f"the call did not finish within its deadline ({self.phase} phase)"
+            )
         kind = _TIMEOUTS[self.phase]
         return kind(f"{self.phase} phase took over {self.limit}s", request_sent=self.request_sent)
 

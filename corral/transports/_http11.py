@@ -143,6 +143,10 @@ class _Lease:
 class H11Transport:
     """The reference transport. Pass it to a ``Client`` or call it with a ``Request``."""
 
+    #: Every wait of an attempt (pool, connect, write, read) ends by the request's deadline,
+    #: with ``DeadlineExceeded`` (``core._compose``).
+    honours_deadline = True
+
     def __init__(
         self,
         *,
@@ -197,7 +201,7 @@ class H11Transport:
         timeouts = request.options.timeouts or self._timeouts
         # On asyncio every wait is timed where it happens (reads by the connection's own timer):
         # no cancel scope per attempt. Under trio one scope times the attempt, phase by phase.
-        watch = PhaseWatch(scoped=not _on_asyncio())
+        watch = PhaseWatch(scoped=not _on_asyncio(), deadline=request.options.deadline)
         leases: list[_Lease] = []  # the attempt's connection lease, once it has one
         try:
             if watch.scope is None:

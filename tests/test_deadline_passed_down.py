@@ -1,0 +1,96 @@
+"""A ``Deadline`` over layers and a transport that end their own waits at the call's deadline
+enters no cancel scope, and the deadline still ends the call: in the read phase, in a wait for a
+slot, and before a retry's sleep. Real H11 transport and emulator, on asyncio and trio."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from corral import Client
+from corral.core import DeadlineExceeded, Request, Response, build_stack, honours_deadline
+from corral.middleware import CircuitBreaker, ConcurrencyLimit, Deadline, Metrics, Retry
+from corral.testing import EmulatorConfig, Latency
+from corral.testing.server import RunningEmulator, serve_in_thread
+from corral.transports import H11Transport, MemoryTransport
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-test-deadline-down-1234"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def slow() -> Iterator[RunningEmulator]:
+    """Answers after 5 s: longer than any deadline here, far shorter than the read timeout."""
+    with serve_in_thread(EmulatorConfig(latency=Latency.fixed(5.0))) as running:
+        yield running
+
+
+def stack(deadline: float, limit: int = 64) -> list[Any]:
+    return [Metrics(), Deadline(deadline), Retry(), CircuitBreaker(), ConcurrencyLimit(limit)]
+
+
+def test_the_default_layers_over_h11_pass_the_deadline_down() -> None:
+    inner = [Retry(), CircuitBreaker(), ConcurrencyLimit(4)]
+    assert honours_deadline(build_stack(inner, H11Transport()))
+    assert not honours_deadline(build_stack(inner, MemoryTransport(lambda r: Response(200))))
+
+    async def plain_layer(request: Request, call_next: Any) -> Response:
+        return await call_next(request)
+
+    assert not honours_deadline(build_stack([*inner, plain_layer], H11Transport()))
+
+
+async def test_the_deadline_ends_a_slow_answer_in_the_read_phase(slow: RunningEmulator) -> None:
+    async with Client(slow.base_url, KEY, middleware=stack(0.3), model="m") as client:
+        started = anyio.current_time()
+        with pytest.raises(DeadlineExceeded, match="read phase"):
+            await client.chat(MESSAGES)
+        assert 0.25 <= anyio.current_time() - started < 3
+
+
+async def test_a_wait_for_a_slot_ends_at_the_deadline(slow: RunningEmulator) -> None:
+    """One slot, held by a call with a long deadline; a call with a short one waits for it."""
+    layers = [Deadline(None), Retry(), CircuitBreaker(), ConcurrencyLimit(1)]
+    async with Client(slow.base_url, KEY, middleware=layers, model="m") as client:
+        body = {"model": "m", "messages": MESSAGES}
+
+        def request(seconds: float) -> Request:
+            built = client.build_request("/chat/completions", body)
+            return built.with_deadline(anyio.current_time() + seconds)
+
+        with anyio.fail_after(3):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.send, request(30))
+                await anyio.sleep(0.1)  # the holder has the slot
+                started = anyio.current_time()
+                with pytest.raises(DeadlineExceeded, match="waited for a slot"):
+                    await client.send(request(0.3))
+                assert 0.25 <= anyio.current_time() - started < 2
+                tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_on_asyncio_an_ordinary_call_enters_no_cancel_scope(
+    monkeypatch: pytest.MonkeyPatch, emulator: RunningEmulator
+) -> None:
+    from anyio._backends._asyncio import CancelScope
+
+    entered = 0
+    enter = CancelScope.__enter__
+
+    def counting(scope: CancelScope) -> CancelScope:
+        nonlocal entered
+        entered += 1
+        return enter(scope)
+
+    async with Client(emulator.base_url, KEY, middleware=stack(60), model="m") as client:
+        await client.chat(MESSAGES)  # the connect has a scope of its own
+        monkeypatch.setattr(CancelScope, "__enter__", counting)
+        for _ in range(20):
+            await client.chat(MESSAGES)
+        assert entered == 0  # (closing the client below shields its socket closes)
