@@ -5,13 +5,20 @@ slot, and before a retry's sleep. Real H11 transport and emulator, on asyncio an
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import anyio
 import pytest
 
 from corral import Client
-from corral.core import DeadlineExceeded, Request, Response, build_stack, honours_deadline
+from corral.core import (
+    DeadlineExceeded,
+    Handler,
+    Middleware,
+    Request,
+    Response,
+    build_stack,
+    honours_deadline,
+)
 from corral.middleware import CircuitBreaker, ConcurrencyLimit, Deadline, Metrics, Retry
 from corral.testing import EmulatorConfig, Latency
 from corral.testing.server import RunningEmulator, serve_in_thread
@@ -30,16 +37,16 @@ def slow() -> Iterator[RunningEmulator]:
         yield running
 
 
-def stack(deadline: float, limit: int = 64) -> list[Any]:
+def stack(deadline: float, limit: int = 64) -> list[Middleware]:
     return [Metrics(), Deadline(deadline), Retry(), CircuitBreaker(), ConcurrencyLimit(limit)]
 
 
 def test_the_default_layers_over_h11_pass_the_deadline_down() -> None:
-    inner = [Retry(), CircuitBreaker(), ConcurrencyLimit(4)]
+    inner: list[Middleware] = [Retry(), CircuitBreaker(), ConcurrencyLimit(4)]
     assert honours_deadline(build_stack(inner, H11Transport()))
     assert not honours_deadline(build_stack(inner, MemoryTransport(lambda r: Response(200))))
 
-    async def plain_layer(request: Request, call_next: Any) -> Response:
+    async def plain_layer(request: Request, call_next: Handler) -> Response:
         return await call_next(request)
 
     assert not honours_deadline(build_stack([*inner, plain_layer], H11Transport()))
@@ -55,7 +62,7 @@ async def test_the_deadline_ends_a_slow_answer_in_the_read_phase(slow: RunningEm
 
 async def test_a_wait_for_a_slot_ends_at_the_deadline(slow: RunningEmulator) -> None:
     """One slot, held by a call with a long deadline; a call with a short one waits for it."""
-    layers = [Deadline(None), Retry(), CircuitBreaker(), ConcurrencyLimit(1)]
+    layers: list[Middleware] = [Deadline(None), Retry(), CircuitBreaker(), ConcurrencyLimit(1)]
     async with Client(slow.base_url, KEY, middleware=layers, model="m") as client:
         body = {"model": "m", "messages": MESSAGES}
 
