@@ -21,13 +21,13 @@ scope with its deadline.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import anyio
 import attrs
 
 from corral._clock import current_time, running_loop
+from corral._scopes import new_scope
 from corral._streams import DeadlineStream
 from corral.core._compose import Handler, honours_deadline
 from corral.core._errors import DeadlineExceeded
@@ -77,18 +77,6 @@ class _Watch:
             scope.cancel()
 
 
-_SCOPES: dict[bool, type[anyio.CancelScope]] = {}
-
-
-def _scope(on_asyncio: bool, deadline: float = math.inf) -> anyio.CancelScope:
-    """``anyio.CancelScope(deadline=...)`` without its backend lookup (sniffio, ~2 µs) on every
-    call: the backend's own scope class, found once per backend by building one the usual way."""
-    cls = _SCOPES.get(on_asyncio)
-    if cls is None:
-        cls = _SCOPES[on_asyncio] = type(anyio.CancelScope())
-    return cls(deadline=deadline)
-
-
 class Deadline:
     """Middleware: give each call at most ``timeout`` seconds in total (all retries included).
 
@@ -129,13 +117,13 @@ class Deadline:
         """``call_next`` under a cancel scope that ends at ``deadline``."""
         loop = running_loop() if own else None
         if loop is None:  # trio, or a call that brought an earlier deadline of its own
-            with _scope(running_loop() is not None, deadline) as scope:
+            with new_scope(deadline) as scope:
                 response = await call_next(request)
         else:
             watch = self._watch
             if watch is None or watch.loop is not loop:
                 watch = self._watch = _Watch(loop)
-            with _scope(True) as scope:
+            with new_scope() as scope:
                 watch.add(scope, deadline)
                 try:
                     response = await call_next(request)

@@ -26,6 +26,7 @@ import anyio
 import attrs
 
 from corral._clock import current_time
+from corral._scopes import new_scope
 from corral.core import _errors as errors
 from corral.core._errors import InvalidInput
 from corral.core._headers import SENSITIVE_HEADERS, Headers
@@ -127,7 +128,7 @@ class PhaseWatch:
     def __init__(
         self, phase: str = "pool", *, scoped: bool = True, deadline: float | None = None
     ) -> None:
-        self.scope = anyio.CancelScope() if scoped else None
+        self.scope = new_scope() if scoped else None
         self.phase = phase
         self.limit: float | None = None
         self.until: float | None = None
