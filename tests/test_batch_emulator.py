@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from corral.core import _errors as errors
-from corral.core._models import Request
+from corral.core._models import Request, Timeouts
 from corral.testing.batches import BatchConfig
 from corral.testing.emulator import EmulatorConfig
 from corral.testing.server import RunningEmulator, ServerLimits, serve_in_thread
@@ -257,3 +257,22 @@ async def test_h11_refuses_a_body_that_is_not_its_stated_length(total: int, clai
             assert transport.open_connections == 0  # the broken exchange is not pooled
             ok = await transport(Request("GET", emu.base_url + "/models", headers))
             assert ok.status == 200
+
+
+class Stalled:
+    """A body whose second piece never comes (a file on a hung network mount, say)."""
+
+    length = 10
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        yield b"01234"
+        await anyio.sleep_forever()
+        yield b"56789"
+
+
+async def test_h11_times_a_stalled_body_source_by_the_write_timeout() -> None:
+    with serve_in_thread() as emu:
+        headers = {"authorization": "Bearer k", "content-type": "application/octet-stream"}
+        async with H11Transport(timeouts=Timeouts(connect=5, read=5, write=0.3, pool=5)) as t:
+            with anyio.fail_after(5), pytest.raises(errors.WriteTimeout):
+                await t.send_streaming(Request("POST", emu.base_url + "/files", headers), Stalled())

@@ -4,6 +4,9 @@ slot, and before a retry's sleep. Real H11 transport and emulator, on asyncio an
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from collections.abc import Iterator
 
 import anyio
@@ -19,6 +22,7 @@ from corral.core import (
     build_stack,
     honours_deadline,
 )
+from corral.core._models import Timeouts
 from corral.middleware import CircuitBreaker, ConcurrencyLimit, Deadline, Metrics, Retry
 from corral.testing import EmulatorConfig, Latency
 from corral.testing.server import RunningEmulator, serve_in_thread
@@ -101,3 +105,51 @@ async def test_on_asyncio_an_ordinary_call_enters_no_cancel_scope(
         for _ in range(20):
             await client.chat(MESSAGES)
         assert entered == 0  # (closing the client below shields its socket closes)
+
+
+@pytest.fixture
+def trickled_error() -> Iterator[int]:
+    """Answers every request with a 500 head, then its 40-byte body one byte every 0.2 s."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    stop = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+            conn.sendall(head + b"content-length: 40\r\n\r\n")
+            for _ in range(40):
+                if stop.wait(0.2):
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sendall(b" ")
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = server.accept()
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(timeout=5)
+    server.close()
+
+
+async def test_the_deadline_ends_retry_s_read_of_a_trickled_error_body(trickled_error: int) -> None:
+    """Retry reads a streamed error answer whole before deciding; that read ends at the deadline
+    too, not at the read timeout between bytes."""
+    layers: list[Middleware] = [Deadline(0.5), Retry(max_attempts=1), ConcurrencyLimit(4)]
+    async with H11Transport(timeouts=Timeouts(read=5.0)) as transport:
+        handler = build_stack(layers, transport)
+        url = f"http://127.0.0.1:{trickled_error}/v1/chat/completions"
+        request = Request("POST", url, body=b"{}").with_options(stream=True)
+        started = anyio.current_time()
+        with anyio.fail_after(5), pytest.raises(DeadlineExceeded):
+            await handler(request)
+        assert anyio.current_time() - started < 3

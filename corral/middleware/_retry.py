@@ -23,6 +23,7 @@ import anyio
 import attrs
 
 from corral._clock import current_time
+from corral._streams import DeadlineStream
 from corral.core import _jsonlib as jsonlib
 from corral.core._compose import Handler
 from corral.core._errors import (
@@ -165,6 +166,15 @@ def _malformed(response: Response) -> MalformedResponse | None:
     return None
 
 
+async def _read_whole(response: Response, deadline: float | None) -> Response:
+    """A streamed error answer, read whole to decide on it: by the call's deadline too, since
+    ``Deadline`` above may have passed it down rather than cut this read with a scope."""
+    stream = response.stream
+    if deadline is not None and stream is not None:
+        response = attrs.evolve(response, stream=DeadlineStream(stream, deadline))
+    return await response.aread()
+
+
 class Retry:
     """Middleware: repeat failed attempts per ``RetryPolicy``.
 
@@ -228,7 +238,7 @@ class Retry:
                     found = _malformed(response)
                 else:
                     if response.stream is not None:
-                        response = await response.aread()
+                        response = await _read_whole(response, request.options.deadline)
                     found = response.error() or _malformed(response)
                 if found is None:
                     return response

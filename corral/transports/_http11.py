@@ -470,7 +470,11 @@ class H11Transport:
         """``source``'s pieces, each written (and its buffer drained) before the next is read;
         a source longer or shorter than it said is refused before its end goes out."""
         async with contextlib.aclosing(source.chunks()) as pieces:
-            async for piece in pieces:
+            while True:
+                try:  # reading a piece is part of sending it: the write phase's limit holds
+                    piece = await watch.wait("write", timeouts.write, anext(pieces))
+                except StopAsyncIteration:
+                    break
                 if piece:
                     try:
                         data = conn.h11.send(h11.Data(data=piece))
