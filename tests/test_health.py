@@ -9,7 +9,14 @@ from corral.batch._health import Hold, ProviderHealth, Requeue, StopRun, WriteFa
 from corral.core import _errors as errors
 
 FATAL = errors.AuthenticationError("bad key", status=401)
-OUTAGE = errors.ConnectError("refused")
+OUTAGE = errors.ServerError("unavailable", status=503)
+#: Failures no line can cause: nothing of the request had left.
+UNSENT = [
+    errors.ConnectError("refused"),
+    errors.ConnectTimeout("slow connect", request_sent=False),
+    errors.PoolTimeout("no slot", request_sent=False),
+    errors.CircuitOpen("open", retry_at=9.0),
+]
 LINE = errors.BadRequestError("bad body", status=400)
 
 #: A sequence of outcomes a run sees, in time order: ("ok" | "fatal" | "outage" | "line").
@@ -86,3 +93,15 @@ def test_held_fatal_failures_stop_a_run_that_never_succeeded() -> None:
 def test_probe_backoff_doubles_to_its_cap() -> None:
     health = ProviderHealth(probe_initial=1.0, probe_max=30.0)
     assert [health.next_probe_delay() for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+@given(st.sampled_from(UNSENT), st.floats(0, 10), st.floats(0.1, 10))
+def test_a_failure_before_anything_was_sent_is_never_the_line_s(
+    error: errors.CorralError, start: float, gap: float
+) -> None:
+    """A refused connect at the edge of an outage, with calls sent after it succeeding (a CI
+    run wrote one such line as failed): requeued, never a strike, never written."""
+    health = ProviderHealth()
+    health.on_success(start + gap, started=start + gap / 2)  # sent after it, and served
+    assert health.on_failure(error, start, start + gap) == Requeue()
+    assert health.on_failure(error, start, start + 2 * gap, struck_at=start) == Requeue()

@@ -84,6 +84,16 @@ class StopRun:
 Decision = WriteFailure | Hold | Requeue | StopRun
 
 
+#: Failures no line can cause (nothing of it had been sent, or the breaker refused it): never
+#: a strike, however many calls succeed meanwhile, e.g. at the edge of an outage.
+_NEVER_THE_LINES = (
+    errors.CircuitOpen,
+    errors.ConnectError,
+    errors.ConnectTimeout,
+    errors.PoolTimeout,
+)
+
+
 @attrs.define
 class ProviderHealth:
     confirmations: int = 3
@@ -133,7 +143,7 @@ class ProviderHealth:
         if kind == "line":
             return WriteFailure()
         sent = self.last_success_sent
-        if sent is not None and sent >= started and not isinstance(exc, errors.CircuitOpen):
+        if sent is not None and sent >= started and not isinstance(exc, _NEVER_THE_LINES):
             # A call sent after this one succeeded: perhaps this line's own trouble. Written
             # off at its second such failure (its strike is ``struck_at``).
             return Requeue(strike=True) if struck_at is None else WriteFailure()
