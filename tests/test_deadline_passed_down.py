@@ -153,3 +153,18 @@ async def test_the_deadline_ends_retry_s_read_of_a_trickled_error_body(trickled_
         with anyio.fail_after(5), pytest.raises(DeadlineExceeded):
             await handler(request)
         assert anyio.current_time() - started < 3
+
+
+async def test_a_wait_for_quota_ends_at_the_call_s_deadline() -> None:
+    """One request a minute: the second call waits for quota, and stops at its own deadline."""
+    from corral.middleware import RateLimit
+
+    limiter = RateLimit(rpm=1, cold_start=1.0)  # the first call goes at once
+    assert honours_deadline(build_stack([limiter, ConcurrencyLimit(4)], H11Transport()))
+    handler = build_stack([limiter], MemoryTransport(lambda r: Response(200)))
+    request = Request("POST", "http://provider.test/v1/chat/completions", body=b"{}")
+    assert (await handler(request)).status == 200
+    started = anyio.current_time()
+    with anyio.fail_after(5), pytest.raises(DeadlineExceeded, match="waited for quota"):
+        await handler(request.with_deadline(started + 0.3))
+    assert 0.25 <= anyio.current_time() - started < 3

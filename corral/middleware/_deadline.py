@@ -7,8 +7,8 @@ still arriving when the call returns its response, so the shell wraps it in a
 loop's clock (``corral._clock.current_time``).
 
 When every layer below and the transport bound their own waits by the call's deadline
-(``honours_deadline``: ``Retry``, ``CircuitBreaker``, ``ConcurrencyLimit`` and ``H11Transport``
-do), the shell passes the deadline down and enters no scope at all.
+(``honours_deadline``: ``Retry``, ``CircuitBreaker``, ``RateLimit``, ``ConcurrencyLimit`` and
+``H11Transport`` do), the shell passes the deadline down and enters no scope at all.
 
 Otherwise most of a cancel scope's cost is its timer (one ``call_at`` and its cancellation per
 call on asyncio), and almost every call ends long before a deadline of minutes. So on asyncio

@@ -30,7 +30,7 @@ import attrs
 from corral._clock import current_time
 from corral.core._classify import parse_rate_limit_headers
 from corral.core._compose import Handler
-from corral.core._errors import RequestTooLarge
+from corral.core._errors import DeadlineExceeded, RequestTooLarge
 from corral.core._events import (
     RateLimitColdStart,
     RateLimitLearned,
@@ -202,10 +202,12 @@ class _KeyQueue:
         held = price()
         return self.policy.admit(now, Cost(1, held.tokens)), held
 
-    async def acquire(self, price: Callable[[], Reservation]) -> tuple[float, Reservation]:
+    async def acquire(
+        self, price: Callable[[], Reservation], deadline: float | None = None
+    ) -> tuple[float, Reservation]:
         """Wait for and take the call's reservation; returns the seconds spent waiting and the
         reservation taken. ``price`` is asked at each try: an estimated output learnt while
-        the call waited lowers what it reserves."""
+        the call waited lowers what it reserves. The wait ends at the call's ``deadline``."""
         start = current_time()
         if not self.queue:
             match self._admit(start, price):
@@ -217,6 +219,15 @@ class _KeyQueue:
                     pass  # queue up
                 case other:
                     never(other)
+        if deadline is None:
+            return await self._queued(price, start)
+        with anyio.CancelScope(deadline=deadline):
+            return await self._queued(price, start)
+        raise DeadlineExceeded("the call's deadline passed while it waited for quota")
+
+    async def _queued(
+        self, price: Callable[[], Reservation], start: float
+    ) -> tuple[float, Reservation]:
         me = _Waiter()
         self.queue.append(me)
         try:
@@ -267,6 +278,9 @@ class RateLimit:
     configuration; ``waited`` the total seconds calls spent waiting for quota (for the
     batch summary).
     """
+
+    #: A wait for quota ends at the call's deadline (``core._compose``).
+    honours_deadline = True
 
     def __init__(
         self,
@@ -355,7 +369,7 @@ class RateLimit:
                 resumed=bool(queue.policy.sent_before),
             )
         price = functools.partial(reservation, request, self._counter, self._outputs)
-        waited, held = await queue.acquire(price)
+        waited, held = await queue.acquire(price, request.options.deadline)
         if waited > 0:
             self.waited += waited
             call.emit(RateLimitWaited, current_time(), key=key, waited=waited, tokens=held.tokens)
