@@ -133,3 +133,23 @@ def most_in_a_window(
         ),
         default=0,
     )
+
+
+class ScopeCount:
+    """Counts the anyio cancel scopes entered on asyncio from ``start()`` on (monkeypatched,
+    so pytest undoes it): for the paths that must enter none per call."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.entered = 0
+        self._monkeypatch = monkeypatch
+
+    def start(self) -> None:
+        from anyio._backends._asyncio import CancelScope
+
+        enter = CancelScope.__enter__
+
+        def counting(scope: CancelScope) -> CancelScope:
+            self.entered += 1
+            return enter(scope)
+
+        self._monkeypatch.setattr(CancelScope, "__enter__", counting)

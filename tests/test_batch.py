@@ -171,9 +171,16 @@ def test_cli_run_summary_and_exit_codes(
     assert "OPENAI_API_KEY" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("transport", ["h11", "httpx", "httpx2", "aiohttp"])
-def test_cli_runs_on_every_transport(
-    transport: str,
+@pytest.mark.parametrize(
+    "choice",
+    [
+        *(["--transport", name] for name in ("h11", "httpx", "httpx2", "aiohttp")),
+        *(["--backend", name] for name in ("asyncio", "uvloop", "trio")),
+    ],
+    ids=lambda choice: " ".join(choice),
+)
+def test_cli_runs_on_every_transport_and_event_loop(
+    choice: list[str],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -183,24 +190,7 @@ def test_cli_runs_on_every_transport(
     monkeypatch.setenv("OPENAI_API_KEY", CANARY_KEY)
     with serve_in_thread() as emu:
         args = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", emu.base_url]
-        assert main([*args, "--json", "--no-progress", "--transport", transport]) == 0
-        assert json.loads(capsys.readouterr().out)["this_run"]["succeeded"] == 10
-        assert emu.counts["received"] == 10
-
-
-@pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
-def test_cli_runs_on_every_event_loop(
-    backend: str,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    source = tmp_path / "in.jsonl"
-    write_input(source, 10)
-    monkeypatch.setenv("OPENAI_API_KEY", CANARY_KEY)
-    with serve_in_thread() as emu:
-        args = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--base-url", emu.base_url]
-        assert main([*args, "--json", "--no-progress", "--backend", backend]) == 0
+        assert main([*args, "--json", "--no-progress", *choice]) == 0
         assert json.loads(capsys.readouterr().out)["this_run"]["succeeded"] == 10
         assert emu.counts["received"] == 10
 

@@ -23,6 +23,7 @@ from corral.core._wire import Usage
 from corral.middleware import ConcurrencyLimit, Deadline
 from corral.testing.server import RunningEmulator
 from corral.transports import MemoryTransport
+from tests.support import ScopeCount
 
 pytestmark = pytest.mark.anyio
 
@@ -179,27 +180,18 @@ async def test_h11_on_asyncio_times_an_ordinary_request_without_a_cancel_scope(
 ) -> None:
     """Reads take the connection's own timer (``receive_until``): no scope, and no timer armed
     and cancelled, per request. A wait for a pool slot or a connect still gets one."""
-    from anyio._backends._asyncio import CancelScope
-
     from corral.transports import H11Transport
 
-    entered = 0
-    enter = CancelScope.__enter__
-
-    def counting(scope: CancelScope) -> CancelScope:
-        nonlocal entered
-        entered += 1
-        return enter(scope)
-
+    scopes = ScopeCount(monkeypatch)
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     request = api_request(emulator.base_url, "/chat/completions", body, api_key=KEY)
     async with H11Transport(max_connections=1) as transport:
         assert (await transport(request)).status == 200  # connects: a scope for the connect
-        monkeypatch.setattr(CancelScope, "__enter__", counting)
+        scopes.start()
         for _ in range(20):
             assert (await transport(request)).status == 200
-        assert entered == 0
+        assert scopes.entered == 0
         async with anyio.create_task_group() as tg:  # two at once on one connection: one waits
             for _ in range(2):
                 tg.start_soon(transport, request)
-        assert entered >= 1
+        assert scopes.entered >= 1

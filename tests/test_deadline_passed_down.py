@@ -27,6 +27,7 @@ from corral.middleware import CircuitBreaker, ConcurrencyLimit, Deadline, Metric
 from corral.testing import EmulatorConfig, Latency
 from corral.testing.server import RunningEmulator, serve_in_thread
 from corral.transports import H11Transport, MemoryTransport
+from tests.support import ScopeCount
 
 pytestmark = pytest.mark.anyio
 
@@ -89,22 +90,13 @@ async def test_a_wait_for_a_slot_ends_at_the_deadline(slow: RunningEmulator) -> 
 async def test_on_asyncio_an_ordinary_call_enters_no_cancel_scope(
     monkeypatch: pytest.MonkeyPatch, emulator: RunningEmulator
 ) -> None:
-    from anyio._backends._asyncio import CancelScope
-
-    entered = 0
-    enter = CancelScope.__enter__
-
-    def counting(scope: CancelScope) -> CancelScope:
-        nonlocal entered
-        entered += 1
-        return enter(scope)
-
+    scopes = ScopeCount(monkeypatch)
     async with Client(emulator.base_url, KEY, middleware=stack(60), model="m") as client:
         await client.chat(MESSAGES)  # the connect has a scope of its own
-        monkeypatch.setattr(CancelScope, "__enter__", counting)
+        scopes.start()
         for _ in range(20):
             await client.chat(MESSAGES)
-        assert entered == 0  # (closing the client below shields its socket closes)
+        assert scopes.entered == 0  # (closing the client below shields its socket closes)
 
 
 @pytest.fixture
