@@ -24,8 +24,9 @@ from corral.core import _errors as errors
 from corral.core._models import Timeouts
 from corral.core._sse import SSEParser
 from corral.core._wire import parse_chunk
-from corral.transports._asyncio_stream import ReadTimedOut, open_asyncio_stream
+from corral.transports._asyncio_stream import open_asyncio_stream
 from corral.transports._http11 import H11Transport
+from corral.transports._lean_stream import ReadTimedOut
 from corral.transports._memory import MemoryTransport
 from tests import hostile
 from tests.support import CANARY_KEY

@@ -15,7 +15,7 @@ A read timeout (``receive_until``) needs no cancel scope: each wait records its 
 one timer per connection, armed for the first wait, fails the waiter only if that wait's
 deadline has passed; otherwise it moves to the current deadline. A streamed body read one event
 at a time thus costs a float per read, not a scope and a timer.
-Under trio the transport uses anyio's streams, which are thin over trio's.
+Under trio the transport uses ``TrioStream`` (plain TCP) or anyio's streams (TLS).
 """
 
 from __future__ import annotations
@@ -29,16 +29,12 @@ from typing import Any, cast
 import anyio
 import anyio.abc
 
-__all__ = ["AsyncioStream", "ReadTimedOut", "open_asyncio_stream"]
+from corral.transports._lean_stream import LeanStream, ReadTimedOut
+
+__all__ = ["AsyncioStream", "open_asyncio_stream"]
 
 # Stop reading from the socket while this many bytes wait unread (back-pressure on big bodies).
 _HIGH_WATER = 1 << 20
-
-
-class ReadTimedOut(Exception):
-    """``receive_until``'s deadline passed with no byte (not an ``OSError``, as TimeoutError is,
-    so no handler of network errors takes it for one)."""
-
 
 #: Bytes one read takes at most (asyncio's own socket transport reads this much at once).
 _READ_SIZE = 256 * 1024
@@ -157,20 +153,16 @@ class _Protocol(asyncio.BufferedProtocol):
             self.drain_waiter.set_result(None)
 
 
-class AsyncioStream(anyio.abc.ByteStream):
-    """One TCP (or TLS) connection; one reader and one writer at a time, as HTTP/1.1 needs."""
+class AsyncioStream(LeanStream):
+    """One TCP (or TLS) connection on an asyncio loop (``LeanStream``)."""
 
     def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
         self._transport = transport
         self._protocol = protocol
         self._closed = False
 
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        return await self.receive_until(max_bytes, None)
-
     async def receive_until(self, max_bytes: int, deadline: float | None) -> bytes:
-        """``receive``, raising ``ReadTimedOut`` if no byte has come by ``deadline`` (on the
-        loop's clock; None: no limit). No cancel scope: the protocol's one timer fails the wait."""
+        """No cancel scope even for a wait: the protocol's one timer fails it."""
         protocol = self._protocol
         if not protocol.chunks and deadline is not None:
             protocol.arm(deadline)
@@ -198,12 +190,7 @@ class AsyncioStream(anyio.abc.ByteStream):
             self._transport.resume_reading()
         return chunk
 
-    async def send(self, item: bytes) -> None:
-        if self.write(item):
-            await self.drain()
-
     def write(self, item: bytes) -> bool:
-        """Hand ``item`` to the kernel without waiting; True if ``drain`` must be awaited."""
         protocol = self._protocol
         if self._closed:
             raise anyio.ClosedResourceError
@@ -213,7 +200,7 @@ class AsyncioStream(anyio.abc.ByteStream):
         return protocol.write_paused
 
     async def drain(self) -> None:
-        """Wait until the transport's write buffer is below its high-water mark again."""
+        """Wait until asyncio's write buffer is below its high-water mark again."""
         protocol = self._protocol
         while protocol.write_paused and not protocol.lost:
             protocol.drain_waiter = protocol.loop.create_future()
@@ -225,7 +212,6 @@ class AsyncioStream(anyio.abc.ByteStream):
             raise anyio.BrokenResourceError from protocol.error
 
     def looks_closed(self) -> bool:
-        """For an idle connection: has the peer closed it or sent something unasked?"""
         protocol = self._protocol
         return self._closed or protocol.lost or protocol.eof or bool(protocol.chunks)
 

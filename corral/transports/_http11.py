@@ -6,10 +6,12 @@ per origin (newest first) until ``keepalive_expiry``; one found closed by the se
 before use, and if a reused connection still dies before a single response byte arrives the
 request is sent once more on a fresh connection (the server cannot have answered it).
 
-Timeouts: one cancel scope per attempt whose deadline moves as the attempt passes through its
-phases (pool, connect, write, read). A scope per socket read would cost a fifth of the CPU of a
-small request; moving one deadline costs almost nothing. The wait for the response head is one
-read timeout in total, however many ``1xx`` come first.
+Timeouts: each attempt passes through phases (pool, connect, write, read), each with its limit.
+A lean stream (``_lean_stream``: asyncio, and plain TCP on trio) takes a read's deadline as an
+argument and writes without waiting when the kernel takes the bytes, so an attempt enters a
+cancel scope only for a wait that really happens; TLS on trio goes through anyio's stream, timed
+by one scope per attempt whose deadline moves with the phase. The wait for the response head
+is one read timeout in total, however many ``1xx`` come first.
 
 Bodies: sent with ``Accept-Encoding: identity`` and never inflated (an encoded body is refused);
 at most ``max_response_bytes``. A connection is pooled again only when nothing unread follows
@@ -43,7 +45,7 @@ from corral.core import _errors as errors
 from corral.core._events import TransportResent
 from corral.core._headers import Headers
 from corral.core._models import Request, Response, Timeouts, Timing
-from corral.transports._asyncio_stream import AsyncioStream, ReadTimedOut, open_asyncio_stream
+from corral.transports._asyncio_stream import open_asyncio_stream
 from corral.transports._base import (
     DEFAULT_MAX_RESPONSE_BYTES,
     BodyLimit,
@@ -56,6 +58,7 @@ from corral.transports._base import (
 )
 from corral.transports._chunked import ChunkedDecoder
 from corral.transports._fast_http import FALLBACK, Head, LengthDecoder, parse_head, request_bytes
+from corral.transports._lean_stream import LeanStream, ReadTimedOut
 
 __all__ = ["BodySource", "H11Transport"]
 
@@ -101,7 +104,7 @@ class _Connection:
 
         A peek rather than ``select``, which fails for descriptors >= 1024.
         """
-        if isinstance(self.stream, AsyncioStream):
+        if isinstance(self.stream, LeanStream):
             return self.stream.looks_closed()
         if self.sock is None:
             return False
@@ -199,15 +202,17 @@ class H11Transport:
         if self._closed:
             raise errors.ConnectError("transport is closed")
         timeouts = request.options.timeouts or self._timeouts
-        # On asyncio every wait is timed where it happens (reads by the connection's own timer):
-        # no cancel scope per attempt. Under trio one scope times the attempt, phase by phase.
-        watch = PhaseWatch(scoped=not _on_asyncio(), deadline=request.options.deadline)
+        origin, target = split_url(request.url)
+        # A lean stream (asyncio; plain TCP on trio) times each wait where it happens: no
+        # cancel scope per attempt. TLS on trio: one scope times the attempt, phase by phase.
+        scoped = origin.scheme == "https" and not _on_asyncio()
+        watch = PhaseWatch(scoped=scoped, deadline=request.options.deadline)
         leases: list[_Lease] = []  # the attempt's connection lease, once it has one
         try:
             if watch.scope is None:
-                return await self._attempt(request, source, timeouts, watch, leases)
+                return await self._attempt(request, origin, target, source, timeouts, watch, leases)
             with watch.scope:
-                return await self._attempt(request, source, timeouts, watch, leases)
+                return await self._attempt(request, origin, target, source, timeouts, watch, leases)
         except errors.CorralError as exc:
             if leases:
                 await leases[0].finish(reusable=False)
@@ -224,12 +229,13 @@ class H11Transport:
     async def _attempt(
         self,
         request: Request,
+        origin: Origin,
+        target: str,
         source: BodySource | None,
         timeouts: Timeouts,
         watch: PhaseWatch,
         leases: list[_Lease],
     ) -> Response:
-        origin, target = split_url(request.url)
         started = self._clock()
         if not self._try_acquire(origin):  # time the pool only when waiting
             await watch.wait("pool", timeouts.pool, self._acquire(origin))
@@ -333,12 +339,14 @@ class H11Transport:
             opening: Awaitable[anyio.abc.ByteStream]
             if _on_asyncio():
                 opening = open_asyncio_stream(origin.host, origin.port, tls)
-            elif tls is not None:
+            elif tls is None:
+                from corral.transports._trio_stream import open_trio_stream  # imports trio
+
+                opening = open_trio_stream(origin.host, origin.port)
+            else:
                 opening = anyio.connect_tcp(
                     origin.host, origin.port, ssl_context=tls, tls_standard_compatible=False
                 )
-            else:
-                opening = anyio.connect_tcp(origin.host, origin.port)
             stream = await watch.wait("connect", timeouts.connect, opening)
         except (OSError, ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
             text = f"cannot connect to {origin.host_header}: {exc!r}"
@@ -459,7 +467,7 @@ class H11Transport:
         self, conn: _Connection, data: bytes, timeouts: Timeouts, watch: PhaseWatch
     ) -> None:
         stream = conn.stream
-        if not isinstance(stream, AsyncioStream):
+        if not isinstance(stream, LeanStream):
             await watch.wait("write", timeouts.write, stream.send(data))
         elif stream.write(data):  # the kernel buffer is full: time the wait for it
             await watch.wait("write", timeouts.write, stream.drain())
@@ -500,7 +508,7 @@ class H11Transport:
         sink: Callable[[bytes], None] | None = None,
         watch: PhaseWatch | None = None,
     ) -> bytes:
-        """One read into ``conn``'s h11 (or ``sink``); ``until`` (an ``AsyncioStream`` only)
+        """One read into ``conn``'s h11 (or ``sink``); ``until`` (a ``LeanStream`` only)
         ends the wait with ``ReadTimedOut``, and an unscoped ``watch``'s deadline with the read
         phase's timeout."""
         if watch is not None and watch.scope is None and watch.until is not None:
@@ -510,7 +518,7 @@ class H11Transport:
                 raise watch.error() from None
         try:
             if until is not None:
-                assert isinstance(conn.stream, AsyncioStream)
+                assert isinstance(conn.stream, LeanStream)
                 chunk = await conn.stream.receive_until(_READ_SIZE, until)
             else:
                 chunk = await conn.stream.receive(_READ_SIZE)
@@ -641,7 +649,7 @@ class _Body:
         One piece per read rather than per event: h11 makes an event of each chunked-encoding
         chunk, and a provider sends each SSE event as one, so every layer above would otherwise
         pay per event. With ``watch`` the caller's scope times the reads; without, each wait
-        ends at the limits of ``_bounds`` (a moved timer on asyncio, a scope on trio).
+        ends at the limits of ``_bounds`` (a moved timer on asyncio, a scope per real wait on trio).
         """
         if self._error is not None:
             error, self._error = self._error, None
@@ -739,7 +747,7 @@ class _Body:
         bounds = self._bounds()
         now = current_time()
         end = bounds.end(now)
-        if isinstance(conn.stream, AsyncioStream):
+        if isinstance(conn.stream, LeanStream):
             try:
                 await transport._receive(conn, until=None if end == math.inf else end, sink=sink)
             except ReadTimedOut:

@@ -1,0 +1,139 @@
+"""A lean ``LeanStream`` over a plain TCP socket, for ``H11Transport`` on trio.
+
+anyio's trio stream wraps trio's socket, and trio's socket operations each enter a context
+manager and end with a trip through the scheduler even when the kernel answered at once; a
+read timeout needs a cancel scope around the attempt. For a client that writes one small
+request and reads one answer, that was half of the transport's CPU on trio. This stream calls
+the socket directly and waits (``wait_readable``/``wait_writable``, trio's checkpoints) only
+when the kernel has nothing to give or no room to take; a read deadline gets a scope only for
+such a wait.
+
+Trio's rules still hold: every receive notices a cancelled scope first, and a reader whose
+bytes keep coming without a wait yields to the scheduler every ``_YIELD_EVERY`` reads.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import trio
+
+from corral.transports._lean_stream import LeanStream, ReadTimedOut
+
+__all__ = ["TrioStream", "open_trio_stream"]
+
+#: Reads served without a wait before one yields to the scheduler (fairness for long bodies).
+_YIELD_EVERY = 16
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+class TrioStream(LeanStream):
+    """One TCP connection on trio, over a non-blocking socket it owns."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._pending: memoryview | None = None  # what ``write`` could not hand over
+        self._ready_reads = 0
+        self._closed = False
+
+    async def receive_until(self, max_bytes: int, deadline: float | None) -> bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self._sock
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                data = sock.recv(max_bytes)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
+            else:
+                if not data:
+                    raise anyio.EndOfStream
+                self._ready_reads += 1
+                if self._ready_reads >= _YIELD_EVERY:
+                    self._ready_reads = 0
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+            self._ready_reads = 0
+            if not await self._wait(trio.lowlevel.wait_readable, deadline):
+                raise ReadTimedOut
+
+    def write(self, item: bytes) -> bool:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._pending is not None:  # still draining: queue behind it
+            self._pending = memoryview(bytes(self._pending) + item)
+            return True
+        sent = self._send(item)
+        if sent < len(item):
+            self._pending = memoryview(item)[sent:]
+            return True
+        return False
+
+    async def drain(self) -> None:
+        while self._pending is not None:
+            await self._wait(trio.lowlevel.wait_writable, None)
+            sent = self._send(self._pending)
+            rest = self._pending[sent:]
+            self._pending = rest if len(rest) else None
+
+    async def _wait(
+        self, wait: Callable[[socket.socket], Awaitable[None]], deadline: float | None
+    ) -> bool:
+        """Wait until the socket is ready; False if ``deadline`` came first."""
+        try:
+            if deadline is None:
+                await wait(self._sock)
+                return True
+            with trio.CancelScope(deadline=deadline) as scope:
+                await wait(self._sock)
+        except trio.ClosedResourceError:  # ``aclose`` while waiting
+            raise anyio.ClosedResourceError from None
+        return not scope.cancelled_caught
+
+    def _send(self, data: bytes | memoryview) -> int:
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise anyio.BrokenResourceError from exc
+
+    def looks_closed(self) -> bool:
+        """One non-blocking peek (not ``select``, which fails for descriptors >= 1024)."""
+        if self._closed:
+            return True
+        try:
+            self._sock.recv(1, _PEEK)  # b"" (closed) or bytes nobody asked for: unusable
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True
+
+    async def send_eof(self) -> None:
+        self._sock.shutdown(socket.SHUT_WR)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)  # wakes a task waiting on it, if any
+            self._sock.close()
+
+    @property
+    def extra_attributes(self) -> dict[Any, Any]:
+        sock = self._sock
+        return {anyio.abc.SocketAttribute.raw_socket: lambda: sock}
+
+
+async def open_trio_stream(host: str, port: int) -> TrioStream:
+    """Connect with trio's happy eyeballs (``TCP_NODELAY`` set), then own the socket."""
+    stream = await trio.open_tcp_stream(host, port)
+    return TrioStream(socket.socket(fileno=stream.socket.detach()))
