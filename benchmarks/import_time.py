@@ -50,11 +50,19 @@ def snippets(trees: list[str]) -> list[tuple[str, str | None, str]]:
     return rows
 
 
-def run_once(code: str, tree: str | None) -> tuple[float, float]:
-    """(seconds inside the snippet, seconds of the whole process) for one fresh interpreter."""
+def _env(tree: str | None) -> dict[str, str]:
+    """The environment of a fresh interpreter: ``tree`` first on its path, and .pyc files read
+    and written (with PYTHONDONTWRITEBYTECODE set, every run would compile corral again)."""
     env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if tree is not None:
         env["PYTHONPATH"] = str(Path(tree).resolve())
+    return env
+
+
+def run_once(code: str, tree: str | None) -> tuple[float, float]:
+    """(seconds inside the snippet, seconds of the whole process) for one fresh interpreter."""
+    env = _env(tree)
     # ``-c`` puts the working directory first on sys.path: run where no corral tree is
     timed = f"import time as _t\n_s = _t.perf_counter()\n{code}\nprint(_t.perf_counter() - _s)"
     start = time.perf_counter()
@@ -72,9 +80,7 @@ def run_once(code: str, tree: str | None) -> tuple[float, float]:
 
 def instructions(code: str, tree: str | None) -> int:
     """Instructions a fresh interpreter executes for ``code`` (start-up included)."""
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = str(Path(tree).resolve())
+    env = _env(tree)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "cg.out")
         subprocess.run(
@@ -101,6 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     trees = args.tree or [str(Path(__file__).resolve().parent.parent)]
     rows = snippets(trees)
+    for _label, tree, code in rows:  # warm the file cache and .pyc files once
+        run_once(code, tree)
     if args.instructions:
         print(f"{machine()}, callgrind, one fresh interpreter per row\n")
         print("| what | instructions (millions) |\n|---|---:|")
@@ -110,8 +118,6 @@ def main() -> None:
         return
     inner: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     wall: dict[str, list[float]] = {label: [] for label, _, _ in rows}
-    for _label, tree, code in rows:  # warm the file cache and .pyc files once
-        run_once(code, tree)
     for _ in range(args.runs):
         for label, tree, code in rows:
             took, whole = run_once(code, tree)

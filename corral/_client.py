@@ -28,22 +28,20 @@ import anyio
 from corral._clock import current_time
 from corral._streams import bound_waits
 from corral.core import _errors as errors
+from corral.core import _wire as wire
 from corral.core._classify import classify, scrub
 from corral.core._compose import Handler, Middleware, build_stack
 from corral.core._events import EventSink
 from corral.core._headers import SENSITIVE_HEADERS
 from corral.core._models import ByteStream, Request, RequestOptions, Response, Timeouts
 from corral.core._wire import (
-    ChatChunk,
     ChatCompletion,
     Embeddings,
-    StreamParse,
     api_request,
     decode_chat,
     decode_embeddings,
     decode_models,
     raise_for_status,
-    shared_parse,
 )
 from corral.middleware._breaker import CircuitBreaker
 from corral.middleware._concurrency import ConcurrencyLimit
@@ -53,6 +51,7 @@ from corral.middleware._retry import Retry
 
 if TYPE_CHECKING:  # the paths needing these import them when taken (issue 15: import time)
     from corral._mapping import MapResult, MapRun
+    from corral.core._streaming import ChatChunk, StreamParse
     from corral.middleware._router import Deployment, Router
     from corral.transports._base import Transport
 
@@ -354,7 +353,7 @@ class Client:
             if response.status >= 400:
                 raise_for_status(await response.aread(), secrets=self._secrets, url=request.url)
             source = response.stream
-        stream, parse = shared_parse(call, source, mark)
+        stream, parse = wire.shared_parse(call, source, mark)  # the first stream loads it
         parse.keep_chunks()
         stream_bytes = aiter(stream)
         idle = math.inf if idle_timeout is None else idle_timeout
@@ -492,7 +491,7 @@ class SyncClient:
     ) -> Generator[ChatChunk, None, None]:
         """Chunks as they arrive. One task on the client's loop reads the stream and hands
         chunks over a small buffer; ``close()`` before the end cancels it."""
-        send, receive = anyio.create_memory_object_stream[ChatChunk](16)
+        send, receive = anyio.create_memory_object_stream[wire.ChatChunk](16)
 
         async def pump() -> None:
             async with send:

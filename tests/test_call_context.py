@@ -16,6 +16,7 @@ import pytest
 from corral._client import Client, default_middleware
 from corral.core import Headers, Request, Response, errors
 from corral.core import _jsonlib as jsonlib
+from corral.core import _streaming as streaming_module
 from corral.core import _wire as wire_module
 from corral.core._sse import SSEParser
 from corral.core._wire import StreamParse
@@ -132,7 +133,7 @@ async def test_one_stream_is_sse_parsed_once_and_each_event_decoded_once(
     metrics, cache = Metrics(), Cache(MemoryStore())
     layers = list(every_layer(cache, metrics))
     client = Client("http://h/v1", KEY, model="gpt-4o-mini", transport=answer(), middleware=layers)
-    monkeypatch.setattr(wire_module, "SSEParser", Counting)
+    monkeypatch.setattr(streaming_module, "SSEParser", Counting)
     monkeypatch.setattr(jsonlib, "loads", counting)
     chunks = [c async for c in client.stream_chat(MESSAGES)]
     assert "".join(c.text for c in chunks) == "hello"

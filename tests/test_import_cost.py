@@ -2,9 +2,10 @@
 
 What only some paths need loads on first use: the sync facade's thread portal, ``Client.map``,
 routing and deployment files, the rate limiter, the cache, truncation, budgets, the batch runner,
-the stores, h11 and TLS (the transport is built with the first ``Client``), and asyncio (trio
-programs never load it). Checked in a fresh interpreter, on the modules it holds: a time would
-depend on the machine.
+the stores, h11 and TLS (the transport is built with the first ``Client``), asyncio (trio
+programs never load it), streaming and its SSE parser, the events of a retry, a breaker or an
+adaptive limit, rate-limit headers, and ``random`` (a Retry's first jitter). Checked in a fresh
+interpreter, on the modules it holds: a time would depend on the machine.
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
+
+from corral.core._wire import ChatAccumulator
+from corral.middleware import (
+    Aggregator,
+    AIMDPolicy,
+    BreakerConfig,
+    BreakerPolicy,
+    ConcurrencyConfig,
+)
 
 LAZY = [
     "anyio.from_thread",
@@ -36,6 +47,11 @@ LAZY = [
     "corral.middleware._cache",
     "corral.middleware._truncate",
     "corral.core._optional_events",
+    "corral.core._stack_events",
+    "corral.core._streaming",
+    "corral.core._sse",
+    "corral.core._quota",
+    "random",
 ]
 
 
@@ -114,3 +130,76 @@ def test_the_clock_finds_an_asyncio_loop_started_after_corral_was_imported() -> 
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.split() == ["1234.5"]
+
+
+def test_no_event_class_is_built_before_its_first_use() -> None:
+    """The event types of the default stack's decisions (a retry, a breaker trip, an adaptive
+    limit's move) are attrs classes: built on the first use of one, not by ``import corral``."""
+    loaded = loaded_after(
+        "import corral\nimport corral.core._events as e\nprint(sorted(vars(e)))\n"
+        "assert 'RetryScheduled' not in vars(e) and 'BreakerOpened' not in vars(e)\n"
+        "assert e.RetryScheduled(time=1.0, kind='x', delay=0.5).name == 'retry.scheduled'"
+    )
+    assert "corral.core._stack_events" in loaded
+
+
+#: A fresh interpreter runs one retried call through the default stack (asyncio and trio): the
+#: delay is the seeded jitter's first draw, and the stream after it arrives whole.
+RETRY_THEN_STREAM = """
+import sys, anyio, corral
+from corral.core._models import Response
+from corral.transports import MemoryTransport
+assert "random" not in sys.modules
+SSE = (b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"he"}}]}\\n\\n'
+       b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"llo"}}]}\\n\\n'
+       b'data: [DONE]\\n\\n')
+class Body:
+    async def __aiter__(self):
+        yield SSE[:50]
+        yield SSE[50:]
+    async def aclose(self):
+        pass
+answers = [Response(500), Response(200, {"content-type": "text/event-stream"}, stream=Body())]
+events = []
+layers = corral.default_middleware(seed=7)
+layers[2] = corral.Retry(seed=7, base=0.001, cap=0.001)
+client = corral.Client("http://x/v1", "sk-test-0123456789", model="m", middleware=layers,
+                       transport=MemoryTransport(lambda request: answers.pop(0)),
+                       events=events.append)
+async def main():
+    return "".join([c.text async for c in client.stream_chat([{"role": "user", "content": "q"}])])
+assert anyio.run(main, backend=sys.argv[1]) == "hello"
+assert [type(e).__name__ for e in events] == ["RetryScheduled"]
+import random
+assert events[0].delay == random.Random(7).random() * 0.001, events
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_retry_draws_its_jitter_and_a_stream_decodes_after_their_lazy_imports(
+    backend: str,
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", RETRY_THEN_STREAM, backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: BreakerPolicy(BreakerConfig()),
+        lambda: AIMDPolicy(ConcurrencyConfig(adaptive=True)),
+        lambda: Aggregator(),
+        lambda: ChatAccumulator(),
+    ],
+)
+def test_state_holders_compare_by_identity_and_serve_as_keys(build: Callable[[], object]) -> None:
+    """Mutable state (a breaker's circuit, an adaptive limit, a metrics aggregator, a stream's
+    accumulator) has no value equality: two are never equal, and each is hashable."""
+    one, other = build(), build()
+    assert one == one and one != other
+    assert {one: 1, other: 2}[one] == 1

@@ -12,10 +12,8 @@ from corral.core._lazy import lazy_exports
 if TYPE_CHECKING:
     from corral.core import _events as events
     from corral.core._classify import (
-        RateLimitHeaders,
         classify,
         parse_duration,
-        parse_rate_limit_headers,
         parse_retry_after,
         parse_should_retry,
     )
@@ -30,11 +28,11 @@ if TYPE_CHECKING:
         Timeouts,
         Timing,
     )
+    from corral.core._quota import RateLimitHeaders, parse_rate_limit_headers
     from corral.core._sse import SSEEvent, SSEParser
+    from corral.core._streaming import ChatChunk, ChatStreamDecoder
     from corral.core._wire import (
-        ChatChunk,
         ChatCompletion,
-        ChatStreamDecoder,
         Embeddings,
         Usage,
         api_request,
@@ -87,16 +85,10 @@ __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         **dict.fromkeys(
-            [
-                "RateLimitHeaders",
-                "classify",
-                "parse_duration",
-                "parse_rate_limit_headers",
-                "parse_retry_after",
-                "parse_should_retry",
-            ],
+            ["classify", "parse_duration", "parse_retry_after", "parse_should_retry"],
             "corral.core._classify",
         ),
+        **dict.fromkeys(["RateLimitHeaders", "parse_rate_limit_headers"], "corral.core._quota"),
         **dict.fromkeys(
             ["Clock", "Handler", "Middleware", "build_stack", "honours_deadline"],
             "corral.core._compose",
@@ -115,11 +107,10 @@ __getattr__, __dir__ = lazy_exports(
             "corral.core._models",
         ),
         **dict.fromkeys(["SSEEvent", "SSEParser"], "corral.core._sse"),
+        **dict.fromkeys(["ChatChunk", "ChatStreamDecoder"], "corral.core._streaming"),
         **dict.fromkeys(
             [
-                "ChatChunk",
                 "ChatCompletion",
-                "ChatStreamDecoder",
                 "Embeddings",
                 "Usage",
                 "api_request",

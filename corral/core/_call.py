@@ -22,7 +22,8 @@ from corral.core import _jsonlib as jsonlib
 from corral.core._events import Event, EventSink
 
 if TYPE_CHECKING:
-    from corral.core._wire import StreamParse, Usage
+    from corral.core._streaming import StreamParse
+    from corral.core._wire import Usage
 
 __all__ = ["Call"]
 
@@ -41,7 +42,7 @@ class Call:
     #: The usage the provider reported, once known (a stream reports it at its end).
     usage: Usage | None = None
     #: The one parse of the answer's SSE stream, shared by every layer and the caller
-    #: (``corral.core._wire.shared_parse`` installs it).
+    #: (``corral.core._streaming.shared_parse`` installs it).
     stream: StreamParse | None = None
     _json: Any = _UNSET
     _body: bytes | None = None

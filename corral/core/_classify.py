@@ -16,10 +16,8 @@ import functools
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
-
-import attrs
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from corral.core._errors import (
     APIError,
@@ -33,6 +31,10 @@ from corral.core._errors import (
     ServerError,
 )
 from corral.core._headers import Headers
+from corral.core._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from corral.core._quota import RateLimitHeaders, parse_rate_limit_headers
 
 __all__ = [
     "RateLimitHeaders",
@@ -53,15 +55,20 @@ _BODY_WINDOW = 4096
 _SNIPPET = 200
 #: Characters of a provider's own message kept (they are short; a hostile one is not).
 _MESSAGE = 4000
-_TAG = re.compile(r"<[^<>]*>")  # [^<>]: each "<" scans only to the next bracket (linear)
-_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f]+")  # line breaks, escapes, runs of white space
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_CONTEXT_NUMBERS = re.compile(
-    r"maximum context length is (\d+) tokens.*?(?:resulted in|requested|you requested) (\d+)",
-    re.IGNORECASE | re.DOTALL,
+#: The patterns, compiled on first use (``_compiled``): only an error or a quota header reads
+#: them, and compiling the four costs ~0.5 ms (issue 15: import time).
+_TAG = r"<[^<>]*>"  # [^<>]: each "<" scans only to the next bracket (linear)
+_CONTROL = r"[\x00-\x20\x7f-\x9f]+"  # line breaks, escapes, runs of white space
+_DURATION_PART = r"(\d+(?:\.\d+)?)(ms|h|m|s)"
+_CONTEXT_NUMBERS = (
+    r"(?is)maximum context length is (\d+) tokens.*?(?:resulted in|requested|you requested) (\d+)"
 )
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 def parse_duration(text: str) -> float | None:
@@ -79,7 +86,7 @@ def parse_duration(text: str) -> float | None:
     else:
         return plain if math.isfinite(plain) and plain >= 0 else None
     total, pos = 0.0, 0
-    for match in _DURATION_PART.finditer(text):
+    for match in _compiled(_DURATION_PART).finditer(text):
         if match.start() != pos:
             return None
         total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
@@ -135,62 +142,6 @@ def parse_should_retry(headers: Headers) -> bool | None:
         return None
     value = value.strip().lower()
     return True if value == "true" else False if value == "false" else None
-
-
-@attrs.frozen
-class RateLimitHeaders:
-    """What ``x-ratelimit-*`` headers say about the remaining quota (None: not stated)."""
-
-    limit_requests: int | None = None
-    limit_tokens: int | None = None
-    remaining_requests: int | None = None
-    remaining_tokens: int | None = None
-    reset_requests: float | None = None
-    reset_tokens: float | None = None
-
-    @property
-    def present(self) -> bool:
-        """Whether the response stated any quota at all, so a limiter can tell silence from zero."""
-        return (
-            self.remaining_requests is not None
-            or self.remaining_tokens is not None
-            or self.limit_requests is not None
-            or self.limit_tokens is not None
-            or self.reset_requests is not None
-            or self.reset_tokens is not None
-        )
-
-
-def _int_value(raw: str) -> int | None:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        return None
-    return value if value >= 0 else None
-
-
-#: The ``x-ratelimit-*`` fields ``RateLimitHeaders`` holds, and how each value is read.
-_RATE_FIELDS: dict[str, tuple[str, Callable[[str], int | float | None]]] = {
-    "x-ratelimit-limit-requests": ("limit_requests", _int_value),
-    "x-ratelimit-limit-tokens": ("limit_tokens", _int_value),
-    "x-ratelimit-remaining-requests": ("remaining_requests", _int_value),
-    "x-ratelimit-remaining-tokens": ("remaining_tokens", _int_value),
-    "x-ratelimit-reset-requests": ("reset_requests", parse_duration),
-    "x-ratelimit-reset-tokens": ("reset_tokens", parse_duration),
-}
-
-
-def parse_rate_limit_headers(headers: Headers) -> RateLimitHeaders:
-    """The ``x-ratelimit-*`` quota a response states; a missing or unparseable header is None
-    rather than an error, since providers differ in which they send. One pass over the
-    fields (a response carries a dozen; this runs once per call); the first of a name wins."""
-    found: dict[str, int | float | None] = {}
-    for name, raw in headers.items():
-        if name.startswith("x-ratelimit-"):
-            field = _RATE_FIELDS.get(name)
-            if field is not None and field[0] not in found:
-                found[field[0]] = field[1](raw)
-    return RateLimitHeaders(**found) if found else RateLimitHeaders()  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=16)
@@ -283,8 +234,8 @@ def snippet(
     if markup:
         import html  # for a proxy's HTML error page only
 
-        text = html.unescape(_TAG.sub(" ", text))
-    text = scrub(_CONTROL.sub(" ", text).strip(), keys)
+        text = html.unescape(_compiled(_TAG).sub(" ", text))
+    text = scrub(_compiled(_CONTROL).sub(" ", text).strip(), keys)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -323,7 +274,7 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None, str | None]:
 
 
 def _context_numbers(message: str) -> tuple[int | None, int | None]:
-    match = _CONTEXT_NUMBERS.search(message)
+    match = _compiled(_CONTEXT_NUMBERS).search(message)
     if match is None:
         return None, None
     return int(match.group(1)), int(match.group(2))
@@ -389,3 +340,8 @@ def classify(
     if status in (400, 413, 422):
         return BadRequestError(text, **common)
     return APIError(text, **common)
+
+
+__getattr__, __dir__ = lazy_exports(
+    __name__, dict.fromkeys(["RateLimitHeaders", "parse_rate_limit_headers"], "corral.core._quota")
+)

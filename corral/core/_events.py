@@ -10,10 +10,12 @@ trace file (``corral run --trace FILE``).
 Events never carry secrets: no headers, no bodies, only kinds, numbers and the call's labels
 (a batch's custom_id).
 
-The events of the default stack are defined here; those of the layers a stack adds (rate limit,
-cache, truncation, routing, budget) live in ``_optional_events`` and load with the first use of
-one of their names from this module, so ``import corral`` does not build classes it may never
-need (issue 15).
+An event type is an attrs class, built when its module loads, and most programs never see
+most of them. So only the base and ``TransportResent`` (the H11 transport imports it) are
+defined here; the default stack's decisions (retry, breaker, adaptive limit) live in
+``_stack_events`` and those of the layers a stack adds (rate limit, cache, truncation, routing,
+budget) in ``_optional_events``. Both load with the first use of one of their names from this
+module, so ``import corral`` does not build classes it may never need (issue 15).
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ if TYPE_CHECKING:
         SemanticCacheHit,
         SemanticCacheMiss,
         Truncated,
+    )
+    from corral.core._stack_events import (
+        BreakerClosed,
+        BreakerOpened,
+        BreakerRefused,
+        ConcurrencyChanged,
+        GaveUp,
+        RetryScheduled,
     )
 
 __all__ = [
@@ -91,59 +101,6 @@ EventSink = Callable[[Event], None]
 
 
 @attrs.frozen(kw_only=True)
-class RetryScheduled(Event):
-    """The attempt failed with ``kind``; the next starts after ``delay`` seconds."""
-
-    name: ClassVar[str] = "retry.scheduled"
-    kind: str
-    delay: float
-    #: Seconds the server asked for (Retry-After), if it did.
-    retry_after: float | None = None
-
-
-@attrs.frozen(kw_only=True)
-class GaveUp(Event):
-    """No more attempts: ``reason`` says why (attempts, budget, deadline, not retryable)."""
-
-    name: ClassVar[str] = "retry.gave_up"
-    kind: str
-    reason: str
-
-
-@attrs.frozen(kw_only=True)
-class BreakerOpened(Event):
-    name: ClassVar[str] = "breaker.opened"
-    key: str
-    failure_rate: float
-    until: float
-
-
-@attrs.frozen(kw_only=True)
-class BreakerClosed(Event):
-    name: ClassVar[str] = "breaker.closed"
-    key: str
-
-
-@attrs.frozen(kw_only=True)
-class BreakerRefused(Event):
-    """The call was refused at once: the circuit for ``key`` is open until ``until``."""
-
-    name: ClassVar[str] = "breaker.refused"
-    key: str
-    until: float
-
-
-@attrs.frozen(kw_only=True)
-class ConcurrencyChanged(Event):
-    """The adaptive limit moved (AIMD): down on overload, up on success at the limit."""
-
-    name: ClassVar[str] = "concurrency.changed"
-    old: int
-    new: int
-    reason: str
-
-
-@attrs.frozen(kw_only=True)
 class TransportResent(Event):
     """A reused connection died before any response byte; the request went again."""
 
@@ -163,6 +120,17 @@ def event_fields(event: Event) -> dict[str, Any]:
 __getattr__, __dir__ = lazy_exports(
     __name__,
     dict.fromkeys(
+        [
+            "BreakerClosed",
+            "BreakerOpened",
+            "BreakerRefused",
+            "ConcurrencyChanged",
+            "GaveUp",
+            "RetryScheduled",
+        ],
+        "corral.core._stack_events",
+    )
+    | dict.fromkeys(
         [
             "BudgetRefused",
             "BudgetReserved",

@@ -24,10 +24,10 @@ from typing import Literal
 import attrs
 
 from corral._clock import current_time
+from corral.core import _events as events
 from corral.core._call import Call
 from corral.core._compose import Handler
 from corral.core._errors import APIError, CircuitOpen, CorralError, ServerError, TransportError
-from corral.core._events import BreakerClosed, BreakerOpened, BreakerRefused
 from corral.core._models import Request, Response
 from corral.middleware._checks import at_least, between, finite, never
 
@@ -107,9 +107,10 @@ class BreakerConfig:
     probes: int = attrs.field(default=1, validator=at_least(1))
 
 
-@attrs.define
+@attrs.define(eq=False)
 class BreakerPolicy:
-    """One key's circuit (mutable state; the thresholds are the frozen ``config``)."""
+    """One key's circuit (mutable state, equal only to itself; the thresholds are the frozen
+    ``config``)."""
 
     config: BreakerConfig = attrs.field(factory=BreakerConfig)
     state: State = _CLOSED
@@ -273,7 +274,7 @@ class CircuitBreaker:
                 case Allow():
                     pass
                 case Refuse(until=until):
-                    call.emit(BreakerRefused, current_time(), key=key, until=until)
+                    call.emit(events.BreakerRefused, current_time(), key=key, until=until)
                     raise CircuitOpen(
                         f"circuit for {key} is open; next probe at t={until:.3f}", retry_at=until
                     )
@@ -300,8 +301,8 @@ class CircuitBreaker:
             case Unchanged():
                 pass
             case Opened(failure_rate=rate, until=until):
-                call.emit(BreakerOpened, now, key=key, failure_rate=rate, until=until)
+                call.emit(events.BreakerOpened, now, key=key, failure_rate=rate, until=until)
             case Closed():
-                call.emit(BreakerClosed, now, key=key)
+                call.emit(events.BreakerClosed, now, key=key)
             case other:
                 never(other)

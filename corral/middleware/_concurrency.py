@@ -25,6 +25,7 @@ import attrs
 from corral._clock import current_time
 from corral._gate import Gate
 from corral._pacing import DEFAULT_EVERY
+from corral.core import _events as events
 from corral.core._compose import Handler
 from corral.core._errors import (
     APIError,
@@ -35,7 +36,6 @@ from corral.core._errors import (
     RateLimitError,
     ServerError,
 )
-from corral.core._events import ConcurrencyChanged
 from corral.core._models import ByteStream, Request, Response
 from corral.middleware._checks import at_least, between, finite, never
 
@@ -94,9 +94,10 @@ class ConcurrencyConfig:
             )
 
 
-@attrs.define
+@attrs.define(eq=False)
 class AIMDPolicy:
-    """The adaptive limit's state (the bounds are the frozen ``config``). Pure: time is ``now``."""
+    """The adaptive limit's state (equal only to itself; the bounds are the frozen ``config``).
+    Pure: time is ``now``."""
 
     config: ConcurrencyConfig
     limit: float = attrs.field(init=False)
@@ -229,7 +230,9 @@ class ConcurrencyLimit:
                 pass
             case LimitChanged(old=old, new=new, reason=reason):
                 self._gate.resize(new)
-                request.options.call.emit(ConcurrencyChanged, now, old=old, new=new, reason=reason)
+                request.options.call.emit(
+                    events.ConcurrencyChanged, now, old=old, new=new, reason=reason
+                )
             case other:
                 never(other)
 

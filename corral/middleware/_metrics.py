@@ -21,10 +21,11 @@ from typing import Any
 import attrs
 
 from corral._clock import current_time
+from corral.core import _wire as wire
 from corral.core._compose import Handler
 from corral.core._errors import CorralError
 from corral.core._models import Request, Response
-from corral.core._wire import Usage, response_usage, shared_parse
+from corral.core._wire import Usage, response_usage
 
 __all__ = ["DEFAULT_PRICES", "Aggregator", "Histogram", "Metrics", "MetricsConfig", "Price"]
 
@@ -118,10 +119,10 @@ class Histogram:
         return self.max
 
 
-@attrs.define
+@attrs.define(eq=False)
 class Aggregator:
     """Running totals of the calls a ``Metrics`` layer saw: outcomes, latency histograms, tokens
-    and cost (``snapshot`` reads them)."""
+    and cost (``snapshot`` reads them). Mutable, so equal only to itself."""
 
     prices: Mapping[str, Price] = DEFAULT_PRICES
     started: float | None = None
@@ -283,7 +284,7 @@ class Metrics:
             if usage is not None:
                 call.usage = usage
         elif status == 200 and not response.from_cache:
-            stream, parse = shared_parse(call, response.stream, mark)
+            stream, parse = wire.shared_parse(call, response.stream, mark)  # loads on 1st stream
             parse.on_usage(functools.partial(self.aggregator.add_usage, model))
             if stream is not response.stream:
                 response = attrs.evolve(response, stream=stream)

@@ -17,13 +17,14 @@ the caller.
 
 from __future__ import annotations
 
-import random
+from collections.abc import Callable
 
 import anyio
 import attrs
 
 from corral._clock import current_time
 from corral._streams import DeadlineStream
+from corral.core import _events as events
 from corral.core import _jsonlib as jsonlib
 from corral.core._compose import Handler
 from corral.core._errors import (
@@ -33,7 +34,6 @@ from corral.core._errors import (
     MalformedResponse,
     TransportError,
 )
-from corral.core._events import GaveUp, RetryScheduled
 from corral.core._models import Request, Response
 from corral.middleware._checks import at_least, finite, never
 
@@ -214,9 +214,20 @@ class Retry:
             budget_cap=budget_cap,
         )
         self.budget = RetryBudget(budget_ratio, budget_reserve, budget_cap)
-        self._jitter = random.Random(seed).random
+        self._seed = seed
+        self._draw: Callable[[], float] | None = None
         #: Retries performed, by error kind (for metrics).
         self.retries: dict[str, int] = {}
+
+    def _jitter(self) -> float:
+        """A draw in [0, 1): the generator is made at the first failed attempt, so ``random``
+        (~2 ms to import) loads only in a program whose calls fail (issue 15: import time)."""
+        draw = self._draw
+        if draw is None:
+            import random
+
+            draw = self._draw = random.Random(self._seed).random
+        return draw()
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         """Send the request, and after a retryable failure wait and send it again, per the
@@ -251,10 +262,12 @@ class Retry:
                 case RetryAfter(delay=delay):
                     self.retries[error.kind] = self.retries.get(error.kind, 0) + 1
                     hint = error.retry_after if isinstance(error, APIError) else None
-                    call.emit(RetryScheduled, now, kind=error.kind, delay=delay, retry_after=hint)
+                    call.emit(
+                        events.RetryScheduled, now, kind=error.kind, delay=delay, retry_after=hint
+                    )
                     await anyio.sleep(delay)
                 case GiveUp(reason=reason):
-                    call.emit(GaveUp, now, kind=error.kind, reason=reason)
+                    call.emit(events.GaveUp, now, kind=error.kind, reason=reason)
                     if response is not None:
                         return response
                     raise error
