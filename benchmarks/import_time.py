@@ -43,6 +43,8 @@ def snippets(trees: list[str]) -> list[tuple[str, str | None, str]]:
         )
         if found.stdout.strip() != "None":
             rows.append((f"import {name}", None, f"import {name}"))
+    # corral's floor: the two dependencies ``import corral`` cannot avoid, together
+    rows.append(("import anyio, attrs", None, "import anyio, attrs"))
     for tree in trees:
         suffix = f" [{tree}]" if len(trees) > 1 else ""
         rows.append((f"import corral{suffix}", tree, "import corral"))
