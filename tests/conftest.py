@@ -5,6 +5,8 @@ Fixtures only; the helpers and constants tests import live in ``tests/support.py
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -98,3 +100,24 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture
+def peer() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A listening socket; the connection it accepts is handed to the test to drive by hand."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        conn, _ = server.accept()
+        accepted.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], accepted
+    thread.join(timeout=5)
+    for conn in accepted:
+        conn.close()
+    server.close()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 
 from corral.transports import _asyncio_stream as asyncio_stream
 from corral.transports._asyncio_stream import AsyncioStream, open_asyncio_stream
+from tests.support import until
 
 pytestmark = pytest.mark.anyio
 
@@ -28,44 +29,13 @@ def anyio_backend(request: pytest.FixtureRequest) -> object:
 
 
 @pytest.fixture
-def peer() -> Iterator[tuple[int, list[socket.socket]]]:
-    """A listening socket; accepted connections are handed to the test to drive by hand."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        conn, _ = server.accept()
-        accepted.append(conn)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], accepted
-    thread.join(timeout=5)
-    for conn in accepted:
-        conn.close()
-    server.close()
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    """Poll state that changes in another thread or a protocol callback (no event to wait on)."""
-    with anyio.fail_after(5):
-        for _ in range(500):
-            if condition():
-                return
-            await anyio.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
-@pytest.fixture
 async def connected(
     peer: tuple[int, list[socket.socket]],
 ) -> AsyncIterator[tuple[AsyncioStream, socket.socket]]:
     """Our stream and the peer's end of the same connection."""
     port, accepted = peer
     stream = await open_asyncio_stream("127.0.0.1", port, None)
-    await _until(lambda: bool(accepted))
+    await until(lambda: bool(accepted))
     yield stream, accepted[0]
     await stream.aclose()
 
@@ -77,7 +47,7 @@ async def test_reading_pauses_while_unread_data_piles_up(
     sender = threading.Thread(target=conn.sendall, args=(BIG,), daemon=True)
     sender.start()
     protocol = stream._protocol
-    await _until(lambda: protocol.reading_paused)
+    await until(lambda: protocol.reading_paused)
     assert protocol.buffered <= asyncio_stream._HIGH_WATER + 65536 * 4
     got = bytearray()
     with anyio.fail_after(10):
@@ -117,7 +87,7 @@ async def test_peer_close_is_seen_when_idle_and_ends_the_stream(
     assert not stream.looks_closed()
     conn.sendall(b"tail")
     conn.close()
-    await _until(stream.looks_closed)
+    await until(stream.looks_closed)
     assert await stream.receive() == b"tail"  # data before the close is still delivered
     with pytest.raises(anyio.EndOfStream):
         await stream.receive()

@@ -1,0 +1,170 @@
+"""The trio stream under H11Transport: timed reads, trio's checkpoint rules, back-pressure,
+closes; and the transport choosing it for plain HTTP on trio only."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import trio
+import trio.testing
+
+from corral.core import api_request
+from corral.testing.server import RunningEmulator
+from corral.transports import _trio_stream as trio_stream
+from corral.transports._http11 import H11Transport
+from corral.transports._lean_stream import ReadTimedOut
+from corral.transports._trio_stream import TrioStream, open_trio_stream
+from tests.support import until
+
+pytestmark = pytest.mark.anyio
+
+BIG = bytes(range(256)) * (16 * 1024)  # 4 MiB
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "trio"
+
+
+@pytest.fixture
+async def connected(
+    peer: tuple[int, list[socket.socket]],
+) -> AsyncIterator[tuple[TrioStream, socket.socket]]:
+    """Our stream and the peer's end of the same connection."""
+    port, accepted = peer
+    stream = await open_trio_stream("127.0.0.1", port)
+    await until(lambda: bool(accepted))
+    yield stream, accepted[0]
+    await stream.aclose()
+
+
+async def test_a_timed_read_ends_at_its_deadline_and_returns_what_comes_before(
+    connected: tuple[TrioStream, socket.socket],
+) -> None:
+    stream, conn = connected
+    with pytest.raises(ReadTimedOut):
+        await stream.receive_until(1024, trio.current_time() + 0.1)
+    conn.sendall(b"late")
+    assert await stream.receive_until(1024, trio.current_time() + 5) == b"late"
+
+
+async def test_a_cancelled_scope_is_seen_even_when_bytes_are_waiting(
+    connected: tuple[TrioStream, socket.socket],
+) -> None:
+    stream, conn = connected
+    conn.sendall(b"ready")
+    await until(lambda: _readable(stream))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await stream.receive()
+    assert scope.cancelled_caught
+    assert await stream.receive() == b"ready"  # nothing was taken by the cancelled read
+
+
+async def test_a_reader_whose_bytes_keep_coming_lets_other_tasks_run(
+    connected: tuple[TrioStream, socket.socket],
+) -> None:
+    """Reads served without a wait skip trio's scheduler, but not for long."""
+    stream, conn = connected
+    conn.sendall(b"x" * 64 * 1024)
+    await until(lambda: _readable(stream))
+    others = 0
+
+    async def other() -> None:
+        nonlocal others
+        while True:
+            others += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await trio.lowlevel.checkpoint()  # let it start
+        before = others
+        for _ in range(trio_stream._YIELD_EVERY * 3):
+            assert len(await stream.receive(16)) == 16
+        ran = others - before
+        nursery.cancel_scope.cancel()
+    assert 3 <= ran <= 4
+
+
+async def test_write_hands_over_what_fits_and_drain_waits_for_the_rest(
+    connected: tuple[TrioStream, socket.socket],
+) -> None:
+    stream, conn = connected
+    assert stream.write(b"small") is False  # the kernel took it at once
+    payload = BIG * 8  # 32 MiB: more than the kernel buffers hold
+    assert stream.write(payload) is True
+    with anyio.move_on_after(0.3) as waited:
+        await stream.drain()
+    assert waited.cancelled_caught  # nobody reads: drain keeps waiting, and can be cancelled
+    got = bytearray()
+
+    def read_all() -> None:
+        while len(got) < 5 + len(payload):
+            got.extend(conn.recv(1 << 20))
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    with anyio.fail_after(10):
+        await stream.drain()
+    reader.join(timeout=10)
+    assert bytes(got) == b"small" + payload
+
+
+async def test_peer_close_is_seen_when_idle_and_ends_the_stream(
+    connected: tuple[TrioStream, socket.socket],
+) -> None:
+    stream, conn = connected
+    assert not stream.looks_closed()
+    conn.sendall(b"tail")
+    conn.close()
+    await until(stream.looks_closed)
+    assert await stream.receive() == b"tail"
+    with pytest.raises(anyio.EndOfStream):
+        await stream.receive()
+    await stream.aclose()
+    with pytest.raises(anyio.ClosedResourceError):
+        await stream.send(b"x")
+
+
+async def test_closing_wakes_a_waiting_reader_with_anyios_error(
+    connected: tuple[TrioStream, socket.socket],
+) -> None:
+    stream, _ = connected
+    errors: list[BaseException] = []
+
+    async def reader() -> None:
+        try:
+            await stream.receive()
+        except BaseException as exc:  # what it raises is the point
+            errors.append(exc)
+
+    with anyio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            await stream.aclose()
+    assert [type(e) for e in errors] == [anyio.ClosedResourceError]
+
+
+async def test_h11_transport_on_trio_uses_it_for_plain_http(emulator: RunningEmulator) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    request = api_request(emulator.base_url, "/chat/completions", body, api_key="sk-test-trio-1")
+    async with H11Transport(max_connections=1) as transport:
+        for _ in range(3):
+            assert (await transport(request)).status == 200
+        (conn,) = transport._idle.values()
+        assert type(conn[0].stream) is TrioStream
+        assert transport.open_connections == 1
+
+
+def _readable(stream: TrioStream) -> bool:
+    """Bytes wait in the socket (a peek that takes none)."""
+    try:
+        return bool(stream._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
