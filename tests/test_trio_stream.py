@@ -12,9 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from corral import _pacing as pacing
 from corral.core import api_request
 from corral.testing.server import RunningEmulator
-from corral.transports import _trio_stream as trio_stream
 from corral.transports._http11 import H11Transport
 from corral.transports._lean_stream import ReadTimedOut
 from corral.transports._trio_stream import TrioStream, open_trio_stream
@@ -68,7 +68,7 @@ async def test_a_cancelled_scope_is_seen_even_when_bytes_are_waiting(
 async def test_a_reader_whose_bytes_keep_coming_lets_other_tasks_run(
     connected: tuple[TrioStream, socket.socket],
 ) -> None:
-    """Reads served without a wait skip trio's scheduler, but not for long."""
+    """Reads served without a wait skip trio's scheduler, but not for long (``Pacer``)."""
     stream, conn = connected
     conn.sendall(b"x" * 64 * 1024)
     await until(lambda: _readable(stream))
@@ -84,7 +84,7 @@ async def test_a_reader_whose_bytes_keep_coming_lets_other_tasks_run(
         nursery.start_soon(other)
         await trio.lowlevel.checkpoint()  # let it start
         before = others
-        for _ in range(trio_stream._YIELD_EVERY * 3):
+        for _ in range(pacing.DEFAULT_EVERY * 3):
             assert len(await stream.receive(16)) == 16
         ran = others - before
         nursery.cancel_scope.cancel()

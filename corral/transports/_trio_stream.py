@@ -9,7 +9,8 @@ when the kernel has nothing to give or no room to take; a read deadline gets a s
 such a wait.
 
 Trio's rules still hold: every receive notices a cancelled scope first, and a reader whose
-bytes keep coming without a wait yields to the scheduler every ``_YIELD_EVERY`` reads.
+bytes keep coming without a wait takes a full checkpoint every few reads (``Pacer``), before
+taking any byte, so a deadline still fires and other tasks still run.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import anyio
 import anyio.abc
 import trio
 
+from corral._pacing import Pacer
 from corral.transports._lean_stream import LeanStream, ReadTimedOut
 
 __all__ = ["TrioStream", "open_trio_stream"]
 
-#: Reads served without a wait before one yields to the scheduler (fairness for long bodies).
-_YIELD_EVERY = 16
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
@@ -38,11 +38,12 @@ class TrioStream(LeanStream):
         sock.setblocking(False)
         self._sock = sock
         self._pending: memoryview | None = None  # what ``write`` could not hand over
-        self._ready_reads = 0
+        self._pace = Pacer()
         self._closed = False
 
     async def receive_until(self, max_bytes: int, deadline: float | None) -> bytes:
         await trio.lowlevel.checkpoint_if_cancelled()
+        await self._pace()
         sock = self._sock
         while True:
             if self._closed:
@@ -56,12 +57,7 @@ class TrioStream(LeanStream):
             else:
                 if not data:
                     raise anyio.EndOfStream
-                self._ready_reads += 1
-                if self._ready_reads >= _YIELD_EVERY:
-                    self._ready_reads = 0
-                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
-            self._ready_reads = 0
             if not await self._wait(trio.lowlevel.wait_readable, deadline):
                 raise ReadTimedOut
 
