@@ -31,7 +31,8 @@ class LeanStream(anyio.abc.ByteStream):
     @abc.abstractmethod
     async def receive_until(self, max_bytes: int, deadline: float | None) -> bytes:
         """``receive``, raising ``ReadTimedOut`` if no byte has come by ``deadline`` (on the
-        running loop's clock; None: no limit), with no cancel scope when bytes are there."""
+        running loop's clock; None: no limit), with no cancel scope. The stream may be closed
+        after a timeout (a transport drops such a connection anyway)."""
 
     async def send(self, item: bytes) -> None:
         if self.write(item):
