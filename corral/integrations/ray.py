@@ -445,7 +445,7 @@ def done_ids(output: str | Path, *, format: str = "parquet", id_column: str = "c
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return found
     if format == "parquet":
-        ds = ray.data.read_parquet(str(path), columns=[id_column])
+        ds = ray.data.read_parquet(str(path)).select_columns([id_column])
     elif format == "json":
         ds = ray.data.read_json(str(path)).select_columns([id_column])
     else:
