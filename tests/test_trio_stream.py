@@ -206,3 +206,24 @@ def _readable(stream: TrioStream) -> bool:
         return bool(stream._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except BlockingIOError:
         return False
+
+
+def test_a_stream_kept_past_its_trio_run_is_timed_in_the_next(
+    peer: tuple[int, list[socket.socket]],
+) -> None:
+    """A pooled connection may outlive one ``trio.run``: the next run's watchdog times it."""
+    port, _ = peer
+    kept: list[TrioStream] = []
+
+    async def first() -> None:
+        kept.append(await open_trio_stream("127.0.0.1", port))
+        with pytest.raises(ReadTimedOut):  # starts this run's watchdog
+            await (await open_trio_stream("127.0.0.1", port)).receive_until(1, 0.0)
+
+    async def second() -> None:
+        with trio.fail_after(5), pytest.raises(ReadTimedOut):
+            await kept[0].receive_until(1024, trio.current_time() + 0.1)
+        await kept[0].aclose()
+
+    trio.run(first)
+    trio.run(second)

@@ -96,7 +96,6 @@ class TrioStream(LeanStream):
         self._pending: memoryview | None = None  # what ``write`` could not hand over
         self._pace = Pacer()
         self._closed = False
-        self._watchdog = _watchdog()
         self.wait_deadline = math.inf  # of the timed read waiting now
         self._timed_out = False
 
@@ -143,17 +142,19 @@ class TrioStream(LeanStream):
         self, wait: Callable[[socket.socket], Awaitable[None]], deadline: float | None
     ) -> bool:
         """Wait until the socket is ready; False (the socket closed) if ``deadline`` came first."""
-        if deadline is not None:
+        dog = None
+        if deadline is not None:  # the running trio.run's (a pooled connection may outlive one)
+            dog = _watchdog()
             self.wait_deadline = deadline
-            self._watchdog.watch(self, deadline)
+            dog.watch(self, deadline)
         try:
             await wait(self._sock)
         except trio.ClosedResourceError:  # the watchdog, or ``aclose`` while waiting
             if not self._timed_out:
                 raise anyio.ClosedResourceError from None
         finally:
-            if deadline is not None:
-                self._watchdog.waiting.discard(self)
+            if dog is not None:
+                dog.waiting.discard(self)
         if self._timed_out:  # also when the bytes came just as the watchdog ran
             self._close()
             return False
