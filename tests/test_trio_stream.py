@@ -3,6 +3,7 @@ closes; and the transport choosing it for plain HTTP on trio only."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import AsyncIterator
@@ -187,6 +188,68 @@ async def test_closing_wakes_a_waiting_reader_with_anyios_error(
             await trio.testing.wait_all_tasks_blocked()
             await stream.aclose()
     assert [type(e) for e in errors] == [anyio.ClosedResourceError]
+
+
+async def test_a_read_cancelled_just_as_it_times_out_still_closes_the_stream(
+    connected: tuple[TrioStream, socket.socket],
+) -> None:
+    """A cancel (a user's ``move_on_at``, say) and the watchdog can wake a waiting read in the
+    same batch, which trio runs in either order. When the watchdog goes first the read ends
+    with ``Cancelled``: its socket must still be closed (trio's rule after ``notify_closing``),
+    not left open with the time-out pending for the next read, which has no deadline at all."""
+    stream, conn = connected
+    scope = trio.CancelScope()
+
+    async def read() -> None:
+        with scope:
+            await stream.receive_until(1024, trio.current_time() + 60)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()  # the read is rescheduled with Cancelled...
+        stream.time_out()  # ...and the watchdog runs before it resumes
+    assert scope.cancelled_caught
+    conn.sendall(b"late")
+    with anyio.fail_after(5), pytest.raises(anyio.ClosedResourceError):
+        await stream.receive()
+
+
+def test_the_watchdog_never_notifies_a_socket_closed_under_a_waiting_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another task closes the stream at the read's deadline: in that batch the watchdog may
+    find the read still registered (it has not resumed yet). Closed is closed: trio on Windows
+    raises for a closed socket in ``notify_closing``, and an error in the watchdog (a system
+    task) would crash the whole run with ``TrioInternalError``."""
+    notify_closing = trio.lowlevel.notify_closing
+
+    def strict(sock: socket.socket) -> None:
+        if sock.fileno() == -1:
+            raise OSError("not a socket")  # trio on Windows (WSAENOTSOCK)
+        notify_closing(sock)
+
+    monkeypatch.setattr(trio.lowlevel, "notify_closing", strict)
+
+    async def read(stream: TrioStream, deadline: float) -> None:
+        with contextlib.suppress(ReadTimedOut, anyio.ClosedResourceError):
+            await stream.receive_until(1024, deadline)
+
+    async def close_at(stream: TrioStream, deadline: float) -> None:
+        await trio.sleep_until(deadline)
+        await stream.aclose()
+
+    async def main() -> None:
+        for _ in range(30):  # the batch runs in either order: the race comes every other time
+            ours, theirs = socket.socketpair()
+            stream = TrioStream(ours)
+            deadline = trio.current_time() + 1
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, stream, deadline)
+                nursery.start_soon(close_at, stream, deadline)
+            theirs.close()
+
+    trio.run(main, clock=MockClock(autojump_threshold=0))
 
 
 async def test_h11_transport_on_trio_uses_it_for_plain_http(emulator: RunningEmulator) -> None:

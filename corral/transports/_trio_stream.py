@@ -155,15 +155,19 @@ class TrioStream(LeanStream):
         finally:
             if dog is not None:
                 dog.waiting.discard(self)
-        if self._timed_out:  # also when the bytes came just as the watchdog ran
-            self._close()
-            return False
-        return True
+            # Timed out, also when the bytes or a cancel came just as the watchdog ran: the
+            # socket ``time_out`` notified is closed now, whatever ends this wait.
+            if self._timed_out:
+                self._close()
+        return not self._timed_out
 
     def time_out(self) -> None:
-        """Wake the read waiting past its deadline (the watchdog's call)."""
-        self._timed_out = True
-        trio.lowlevel.notify_closing(self._sock)
+        """Wake the read waiting past its deadline (the watchdog's call). A stream another
+        task closed meanwhile is left alone: its read wakes anyway, and trio may refuse to
+        notify a closed socket (an error in the watchdog would crash the run)."""
+        if not self._closed:
+            self._timed_out = True
+            trio.lowlevel.notify_closing(self._sock)
 
     def _send(self, data: bytes | memoryview) -> int:
         try:
