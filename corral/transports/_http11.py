@@ -36,6 +36,7 @@ from typing import Protocol
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import h11
 
 from corral._clock import current_time
@@ -491,6 +492,9 @@ class H11Transport:
                             f"the request body is longer than its stated {source.length} bytes"
                         ) from None
                     await self._write(conn, data, timeouts, watch)
+                # A lean stream's write is no checkpoint: pieces the kernel takes at once would
+                # otherwise all go out under a cancelled scope, with no other task running.
+                await anyio.lowlevel.checkpoint()
         try:
             end = conn.h11.send(_END)
         except h11.LocalProtocolError:
