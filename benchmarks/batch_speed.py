@@ -41,6 +41,7 @@ def child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             ["taskset", "-c", str(CLIENT_CPU), *cmd],
+            cwd=tempfile.gettempdir(),  # not this checkout: ``-m corral`` would import it first
             stdout=stdout,
             stderr=stderr,
             env={**os.environ, "OPENAI_API_KEY": KEY, **(env or {})},
