@@ -4,6 +4,7 @@ closes; and the transport choosing it for plain HTTP on trio only."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 from collections.abc import AsyncIterator
@@ -15,11 +16,14 @@ import trio.testing
 from trio.testing import MockClock
 
 from corral import _pacing as pacing
+from corral.core import _errors as errors
 from corral.core import api_request
+from corral.core._models import Timeouts
 from corral.testing.server import RunningEmulator
 from corral.transports._http11 import H11Transport
 from corral.transports._lean_stream import ReadTimedOut
 from corral.transports._trio_stream import TrioStream, _watchdog, open_trio_stream
+from tests import hostile
 from tests.support import until
 
 pytestmark = pytest.mark.anyio
@@ -261,6 +265,57 @@ async def test_h11_transport_on_trio_uses_it_for_plain_http(emulator: RunningEmu
         (conn,) = transport._idle.values()
         assert type(conn[0].stream) is TrioStream
         assert transport.open_connections == 1
+
+
+def _trickle_head(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+    for byte in b"HTTP/1.1 200 OK\r\nx-slow: " + b"a" * 100_000:
+        if stop.wait(0.02):
+            return
+        conn.sendall(bytes([byte]))
+
+
+async def test_a_head_trickled_a_byte_at_a_time_gets_one_read_timeout_in_all() -> None:
+    """Each byte ends a wait in time; every wait registers again with the same deadline, and
+    the watchdog still ends the head at one read timeout (not one per byte: 2000 s here)."""
+    server = hostile.HostileServer(_trickle_head)
+    try:
+        url = f"http://127.0.0.1:{server.port}/v1"
+        request = api_request(url, "/chat/completions", {"model": "m"}, api_key="sk-test-trio-2")
+        async with H11Transport(timeouts=Timeouts(read=0.3)) as transport:
+            with anyio.fail_after(5), pytest.raises(errors.ReadTimeout):
+                await transport(request)
+            assert transport.open_connections == 0
+    finally:
+        server.close()
+
+
+async def test_timed_out_and_cancelled_reads_leave_no_descriptor_open() -> None:
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(200)  # never accepts, never answers: no descriptor on the server's side
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        request = api_request(url, "/chat/completions", {"model": "m"}, api_key="sk-test-trio-3")
+        before = descriptors()
+        async with H11Transport(timeouts=Timeouts(read=0.05), max_connections=20) as transport:
+
+            async def timed_out() -> None:
+                with pytest.raises(errors.ReadTimeout):
+                    await transport(request)
+
+            async def cancelled() -> None:
+                with trio.move_on_after(0.05) as scope:
+                    await transport(request)
+                assert scope.cancelled_caught
+
+            with anyio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for i in range(100):
+                        nursery.start_soon(timed_out if i % 2 else cancelled)
+            assert transport.open_connections == 0
+        assert descriptors() == before
 
 
 def _readable(stream: TrioStream) -> bool:
