@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hypothesis import given
@@ -13,11 +14,13 @@ from corral.core import (
     Headers,
     Request,
     Response,
+    Timeouts,
     api_request,
     decode_chat,
     decode_embeddings,
     errors,
 )
+from corral.core._errors import InvalidInput
 from corral.core._wire import ChatAccumulator
 from tests.support import CANARY_KEY
 
@@ -220,3 +223,11 @@ def test_a_stream_parse_judges_events_only_when_asked() -> None:
             parse.close()
         assert lenient.complete  # nobody asked: only usage events are decoded
         assert not strict.complete and isinstance(strict.error(), errors.MalformedResponse)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, math.nan, "5", True])
+@pytest.mark.parametrize("phase", ["connect", "read", "write", "pool"])
+def test_a_timeout_not_positive_seconds_is_refused_by_name(phase: str, value: object) -> None:
+    with pytest.raises(InvalidInput, match=f"Timeouts.{phase} must be seconds > 0"):
+        Timeouts(**{phase: value})  # type: ignore[arg-type]
+    assert Timeouts(**{phase: None}) != Timeouts(**{phase: 2.5})

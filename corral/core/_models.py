@@ -11,7 +11,7 @@ import attrs
 from corral.core import _jsonlib as jsonlib
 from corral.core._call import Call
 from corral.core._classify import classify
-from corral.core._errors import APIError
+from corral.core._errors import APIError, InvalidInput
 from corral.core._headers import Headers
 
 __all__ = [
@@ -47,14 +47,22 @@ class CacheMode(enum.Enum):
     REFRESH = "refresh"  #: skip the read, store the new success
 
 
+def _seconds(_: object, field: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InvalidInput(f"Timeouts.{field.name} must be seconds > 0 or None, got {value!r}")
+
+
 @attrs.frozen
 class Timeouts:
-    """Seconds allowed for each phase of one attempt; ``None`` waits forever."""
+    """Seconds allowed for each phase of one attempt; ``None`` waits forever. A value that is
+    not a positive number (0, negative, NaN) is refused with ``InvalidInput`` naming it."""
 
-    connect: float | None = 10.0
-    read: float | None = 600.0
-    write: float | None = 30.0
-    pool: float | None = 30.0
+    connect: float | None = attrs.field(default=10.0, validator=_seconds)
+    read: float | None = attrs.field(default=600.0, validator=_seconds)
+    write: float | None = attrs.field(default=30.0, validator=_seconds)
+    pool: float | None = attrs.field(default=30.0, validator=_seconds)
 
 
 @attrs.frozen
