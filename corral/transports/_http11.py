@@ -59,14 +59,13 @@ from corral.transports._base import (
 )
 from corral.transports._chunked import ChunkedDecoder
 from corral.transports._fast_http import FALLBACK, Head, LengthDecoder, parse_head, request_bytes
-from corral.transports._lean_stream import LeanStream, ReadTimedOut
+from corral.transports._lean_stream import LeanStream, ReadTimedOut, peek_closed
 
 __all__ = ["BodySource", "H11Transport"]
 
 _READ_SIZE = 65536
 _END = h11.EndOfMessage()  # events are immutable; one serves every request
 _NETWORK_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
-_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 _IDENTITY = (b"accept-encoding", b"identity")
 # A body read past h11 (fast_http or ChunkedDecoder), and whether the connection may be reused.
 _Decoded = tuple[ChunkedDecoder | LengthDecoder, bool]
@@ -101,21 +100,10 @@ class _Connection:
             self.sock = None
 
     def looks_closed(self) -> bool:
-        """Did the server close (or write to) this idle connection? One non-blocking peek.
-
-        A peek rather than ``select``, which fails for descriptors >= 1024.
-        """
+        """Did the server close (or write to) this idle connection?"""
         if isinstance(self.stream, LeanStream):
             return self.stream.looks_closed()
-        if self.sock is None:
-            return False
-        try:
-            self.sock.recv(1, _PEEK)  # b"" (closed) or bytes nobody asked for: unusable
-        except BlockingIOError:
-            return False
-        except OSError:
-            pass
-        return True
+        return self.sock is not None and peek_closed(self.sock)
 
     async def aclose(self) -> None:
         self.closed = True

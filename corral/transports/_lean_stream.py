@@ -11,10 +11,13 @@ other (trio, plain TCP); TLS on trio goes through anyio's streams and one scope 
 from __future__ import annotations
 
 import abc
+import socket
 
 import anyio.abc
 
-__all__ = ["LeanStream", "ReadTimedOut"]
+__all__ = ["LeanStream", "ReadTimedOut", "peek_closed"]
+
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class ReadTimedOut(Exception):
@@ -49,3 +52,15 @@ class LeanStream(anyio.abc.ByteStream):
     @abc.abstractmethod
     def looks_closed(self) -> bool:
         """For an idle connection: has the peer closed it or sent something unasked?"""
+
+
+def peek_closed(sock: socket.socket) -> bool:
+    """Has the peer closed this idle socket, or sent bytes nobody asked for? One non-blocking
+    peek (not ``select``, which fails for descriptors >= 1024)."""
+    try:
+        sock.recv(1, _PEEK)  # b"" (closed) or unasked bytes: either way unusable
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True

@@ -29,11 +29,9 @@ import anyio.abc
 import trio
 
 from corral._pacing import Pacer
-from corral.transports._lean_stream import LeanStream, ReadTimedOut
+from corral.transports._lean_stream import LeanStream, ReadTimedOut, peek_closed
 
 __all__ = ["TrioStream", "open_trio_stream"]
-
-_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class _Watchdog:
@@ -178,16 +176,7 @@ class TrioStream(LeanStream):
             raise anyio.BrokenResourceError from exc
 
     def looks_closed(self) -> bool:
-        """One non-blocking peek (not ``select``, which fails for descriptors >= 1024)."""
-        if self._closed:
-            return True
-        try:
-            self._sock.recv(1, _PEEK)  # b"" (closed) or bytes nobody asked for: unusable
-        except BlockingIOError:
-            return False
-        except OSError:
-            pass
-        return True
+        return self._closed or peek_closed(self._sock)
 
     async def send_eof(self) -> None:
         self._sock.shutdown(socket.SHUT_WR)
