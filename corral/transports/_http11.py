@@ -1,4 +1,4 @@
-"""``H11Transport``: HTTP/1.1 with h11 over anyio streams, pooled; runs on asyncio and trio.
+"""``H11Transport``: HTTP/1.1 with h11 over lean socket streams, pooled; asyncio and trio.
 
 Each attempt holds a pool slot from before connect until its body is fully read or closed, so
 ``max_connections`` bounds in-flight requests and open sockets alike. Idle connections are kept
