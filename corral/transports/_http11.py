@@ -8,9 +8,10 @@ request is sent once more on a fresh connection (the server cannot have answered
 
 Timeouts: each attempt passes through phases (pool, connect, write, read), each with its limit.
 A lean stream (``_lean_stream``: asyncio, and plain TCP on trio) takes a read's deadline as an
-argument and writes without waiting when the kernel takes the bytes, so an attempt enters a
-cancel scope only for a wait that really happens; TLS on trio goes through anyio's stream, timed
-by one scope per attempt whose deadline moves with the phase. The wait for the response head
+argument and ends that wait itself, and writes without waiting when the kernel takes the bytes,
+so an attempt enters a cancel scope only to wait for a pool slot, a connect or a full send
+buffer; TLS on trio goes through anyio's stream, timed by one scope per attempt whose deadline
+moves with the phase. The wait for the response head
 is one read timeout in total, however many ``1xx`` come first.
 
 Bodies: sent with ``Accept-Encoding: identity`` and never inflated (an encoded body is refused);
@@ -641,7 +642,8 @@ class _Body:
         One piece per read rather than per event: h11 makes an event of each chunked-encoding
         chunk, and a provider sends each SSE event as one, so every layer above would otherwise
         pay per event. With ``watch`` the caller's scope times the reads; without, each wait
-        ends at the limits of ``_bounds`` (a moved timer on asyncio, a scope per real wait on trio).
+        ends at the limits of ``_bounds`` (a lean stream's own timer: asyncio's loop timer,
+        trio's watchdog; a scope per wait for TLS on trio).
         """
         if self._error is not None:
             error, self._error = self._error, None
